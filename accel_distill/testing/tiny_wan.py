@@ -1,0 +1,99 @@
+"""Tiny, offline Wan pipelines saved as ordinary diffusers folders.
+
+Tests, the demo and the benchmarks load them through the same
+``from_pretrained`` path a Hub id takes, so no code path is special-cased for
+them. Configs follow ``shared/design/FACTS.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Transformer sizes: "tiny" (~26k params) for tests, "20m" for benchmarks,
+# "1.3b" is the real Wan2.1-T2V-1.3B shape (random weights, GPU only).
+TRANSFORMER_SIZES: dict[str, dict] = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=64, num_layers=2),
+    "20m": dict(num_attention_heads=6, attention_head_dim=64, text_dim=32, ffn_dim=1536, num_layers=8),
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=30),
+}
+
+
+def tiny_transformer_config(size: str = "tiny") -> dict:
+    """Keyword arguments for ``WanTransformer3DModel`` of the named size."""
+    base = dict(
+        patch_size=(1, 2, 2),
+        in_channels=16,
+        out_channels=16,
+        freq_dim=32 if size != "1.3b" else 256,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32 if size != "1.3b" else 1024,
+    )
+    base.update(TRANSFORMER_SIZES[size])
+    return base
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(40)]
+    words += "a an the of handwritten digit cat dog video photo red blue green one two three".split()
+    vocab = {w: i for i, w in enumerate(words[:64])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_tiny_wan(path: str | Path, *, size: str = "tiny", seed: int = 0, flow_shift: float = 3.0) -> Path:
+    """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    cfg = tiny_transformer_config(size)
+    transformer = WanTransformer3DModel(**cfg)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=64,
+            d_model=cfg["text_dim"],
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
+    )
+    pipe = WanPipeline(
+        tokenizer=_tiny_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def perturb_transformer(path: str | Path, *, scale: float = 0.05, seed: int = 1) -> None:
+    """Add seeded noise to a saved transformer so teacher and student differ (tests)."""
+    from diffusers import WanTransformer3DModel
+
+    path = Path(path)
+    model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path / "transformer")
