@@ -15,7 +15,7 @@ setup(
         # a range keeps pip from replacing it with a multi-GB CUDA build.
         "torch>=2.4",
         "accelerate>=1.10",
-        "diffusers>=0.35",
+        "diffusers>=0.42",
         "transformers>=4.50",
         "peft>=0.15",
         "safetensors>=0.4",

@@ -1,0 +1,216 @@
+"""Compose a run from a validated config: accelerator, roles, optimizers, data, method.
+
+Only composition lives here: the family loads models, the method defines the
+algorithm, accelerate wraps each trainable role (one ``prepare`` call per role,
+as FSDP2 requires); frozen roles never enter ``prepare`` or ``save_state``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from accel_distill.config.schema import RunConfig
+from accel_distill.data import LatentStream
+from accel_distill.errors import ConfigError, UserError
+from accel_distill.families.base import Family, FlowMatchAdapter
+from accel_distill.methods.base import DistillMethod
+from accel_distill.registry import FAMILIES, METHODS
+from accel_distill.roles import DTYPES, ModelBundle, RoleHandle, apply_trainable
+
+MIXED_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def role_dtype(cfg: RunConfig, role: str) -> torch.dtype:
+    """Explicit ``precision``; else fp32 master weights if trainable, the mixed dtype if frozen."""
+    rc = cfg.roles[role]
+    if rc.precision is not None:
+        return DTYPES[rc.precision]
+    return torch.float32 if rc.trainable else MIXED_DTYPES[cfg.training.mixed_precision]
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    t = cfg.training
+    if t.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    acc = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=list(t.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=os.path.join(t.output_dir, "logs")),
+        cpu=not torch.cuda.is_available(),
+    )
+    if t.num_gpus is not None and t.num_gpus != acc.num_processes:
+        raise ConfigError(
+            f"{cfg.source}: training.num_gpus: is {t.num_gpus} but {acc.num_processes} processes were launched; "
+            "change num_gpus or the launch command (accelerate --num_processes)"
+        )
+    set_seed(t.seed, device_specific=True)
+    return acc
+
+
+def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod], acc: Accelerator) -> ModelBundle:
+    """Load every role; give trainable ones an AdamW + LR schedule and wrap them with accelerate."""
+    bundle = ModelBundle()
+    for name, rc in cfg.roles.items():
+        dtype = role_dtype(cfg, name)
+        modules = {k: apply_trainable(m, rc.trainable) for k, m in family.load_module(name, rc, dtype).items()}
+        o = cfg.role_defaults(name)
+        handle = RoleHandle(name, modules, rc.trainable, dtype, max_grad_norm=o["max_grad_norm"], source=rc.path)
+        if rc.trainable:
+            module = modules["transformer"]
+            handle.optimizer = torch.optim.AdamW(
+                [p for p in module.parameters() if p.requires_grad],
+                lr=o["learning_rate"],
+                betas=tuple(o["betas"]),
+                weight_decay=o["weight_decay"],
+                eps=o["adam_epsilon"],
+            )
+            # Not prepared: accelerate would step a prepared scheduler once per process.
+            handle.lr_scheduler = get_scheduler(
+                o["lr_scheduler"],
+                handle.optimizer,
+                num_warmup_steps=o["lr_warmup_steps"],
+                num_training_steps=method_cls.optimizer_steps(cfg, name),
+            )
+            module, handle.optimizer = acc.prepare(module, handle.optimizer)
+            handle.modules["transformer"] = module
+            acc.register_for_checkpointing(handle.lr_scheduler)
+        else:
+            for m in modules.values():
+                m.to(acc.device)
+        bundle.roles[name] = handle
+    return bundle
+
+
+def checkpoint_roles(bundle: ModelBundle) -> dict:
+    """Which role each of accelerate's numbered model/optimizer/scheduler files holds."""
+    names = list(bundle.trainable)
+    return {"models": names, "optimizers": names, "schedulers": names}
+
+
+def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Tensor:
+    """The unconditional embedding [text_max_length, D]: a given file, or encoded once and cached."""
+    from safetensors.torch import load_file, save_file
+
+    p = cfg.pipeline_config
+    if p.negative_prompt_embeds is not None:
+        path, key = p.negative_prompt_embeds, "pipeline_config.negative_prompt_embeds"
+        tensors = load_file(path) if path.endswith(".safetensors") else {"t": torch.load(path, weights_only=True)}
+        if len(tensors) != 1:
+            raise ConfigError(f"{cfg.source}: {key}: {path} must hold exactly one tensor, has {len(tensors)}")
+        emb = next(iter(tensors.values()))
+    else:
+        cache = Path(cfg.training.output_dir) / "negative_prompt_embeds.safetensors"
+        path, key = str(cache), "pipeline_config.negative_prompt"
+        if acc.is_main_process and not _cache_matches(cache, p.negative_prompt, p.text_max_length):
+            emb = family.encode_prompt(cfg.roles["student"].path, p.negative_prompt, p.text_max_length, acc.device)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {"negative_prompt_embeds": emb.contiguous()},
+                str(cache),
+                metadata={"prompt": p.negative_prompt, "max_length": str(p.text_max_length)},
+            )
+        acc.wait_for_everyone()  # one process encodes; the others read the file
+        emb = load_file(str(cache))["negative_prompt_embeds"]
+    if emb.dim() == 3 and emb.shape[0] == 1:
+        emb = emb[0]
+    if emb.dim() != 2 or emb.shape[0] > p.text_max_length:
+        raise ConfigError(
+            f"{cfg.source}: {key}: {path} has shape {list(emb.shape)}, expected [L <= {p.text_max_length}, D]"
+        )
+    return torch.nn.functional.pad(emb, (0, 0, 0, p.text_max_length - emb.shape[0]))
+
+
+def _cache_matches(path: Path, prompt: str, max_length: int) -> bool:
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("prompt") == prompt and meta.get("max_length") == str(max_length)
+
+
+def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMatchAdapter, acc: Accelerator):
+    t = cfg.training
+    return LatentStream(
+        t.data_path,
+        batch_size=t.train_batch_size,
+        seed=t.seed,
+        shuffle=t.shuffle,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        text_max_length=cfg.pipeline_config.text_max_length,
+        require_latents=method_cls.needs_latents(cfg),
+        expected_latent_channels=adapter.latent_channels,
+        prefetch=t.dataloader_num_workers,
+    )
+
+
+@dataclass
+class Runtime:
+    """Everything a run needs, built and wired."""
+
+    accelerator: Accelerator
+    family: Family
+    bundle: ModelBundle
+    adapter: FlowMatchAdapter
+    method: DistillMethod
+    stream: LatentStream
+
+
+def build_runtime(cfg: RunConfig) -> Runtime:
+    acc = make_accelerator(cfg)
+    family = FAMILIES[cfg.recipe.family](cfg)
+    method_cls = METHODS[cfg.recipe.method]
+    student_source = cfg.roles["student"].path
+    adapter = family.make_adapter(student_source)
+    stream = make_stream(cfg, method_cls, adapter, acc)
+    neg = load_negative(cfg, family, acc) if method_cls.needs_negative_conditioning(cfg) else None
+    bundle = load_bundle(cfg, family, method_cls, acc)
+    method = method_cls(bundle, adapter, cfg, device=acc.device, rank=acc.process_index, neg_cond=neg)
+    p = cfg.pipeline_config
+    if None not in (p.num_frames, p.height, p.width):
+        method.latent_shape = family.latent_shape(student_source, p.num_frames, p.height, p.width)
+    elif not stream.has_latents and not method_cls.needs_latents(cfg):
+        raise UserError(
+            f"{cfg.source}: pipeline_config.num_frames/height/width: needed for data-free rollouts "
+            f"because {cfg.training.data_path} holds text only"
+        )
+    return Runtime(acc, family, bundle, adapter, method, stream)
+
+
+def describe_plan(cfg: RunConfig) -> list[str]:
+    """Human-readable plan for ``--dry-run``: roles, which train, with which optimizer."""
+    method_cls = METHODS[cfg.recipe.method]
+    t = cfg.training
+    lines = [f"recipe: family={cfg.recipe.family} method={cfg.recipe.method}", "roles:"]
+    for name, rc in cfg.roles.items():
+        dtype = str(role_dtype(cfg, name)).replace("torch.", "")
+        if rc.trainable:
+            o = cfg.role_defaults(name)
+            lines.append(
+                f"  {name}: {rc.path} [{rc.subfolder}] trainable, {dtype} weights, AdamW lr={o['learning_rate']:g} "
+                f"betas={tuple(o['betas'])} weight_decay={o['weight_decay']:g}, {o['lr_scheduler']} schedule "
+                f"(warmup {o['lr_warmup_steps']}) over {method_cls.optimizer_steps(cfg, name)} optimizer steps, "
+                f"grad clip {o['max_grad_norm']}"
+            )
+        else:
+            lines.append(f"  {name}: {rc.path} [{rc.subfolder}] frozen, {dtype} weights, no optimizer")
+    lines.append(
+        f"training: {t.max_train_steps} iterations, batch {t.train_batch_size} per process x "
+        f"{t.gradient_accumulation_steps} accumulation, mixed precision {t.mixed_precision}, seed {t.seed}"
+    )
+    lines.append(
+        f"data: {t.data_path} (shuffle={t.shuffle}, latents {'required' if method_cls.needs_latents(cfg) else 'optional'})"
+    )
+    lines.append(f"checkpoints: every {t.checkpointing_steps} iterations in {t.output_dir}/checkpoints")
+    lines.extend(method_cls.describe(cfg))
+    return lines

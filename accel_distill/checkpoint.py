@@ -1,0 +1,105 @@
+"""Atomic, role-namespaced checkpoints on top of ``accelerator.save_state``.
+
+``save_state`` writes the prepared (trainable) models, their optimizers, the
+registered LR schedulers and every process's global RNG. This module adds what
+it lacks: which role each saved model belongs to, the trainer's counters, and
+per-rank state (data position, the method's noise generators). A checkpoint is
+written to a hidden temporary folder and renamed into place only after every
+rank finished, so a run killed half-way never leaves a folder ``latest`` could
+pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from accel_distill.errors import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+ROLES_FILE, TRAINER_FILE = "roles.json", "trainer_state.json"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_state_{rank}.pt"
+
+
+class CheckpointManager:
+    """Save, rotate, find and restore checkpoints under ``<output_dir>/checkpoints``."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, *, roles: dict, total_limit: int | None):
+        self.accelerator = accelerator
+        self.root = Path(output_dir) / "checkpoints"
+        self.roles = roles  # {"models": [...], "optimizers": [...], "schedulers": [...]} in prepare order
+        self.total_limit = total_limit
+
+    def completed(self) -> list[Path]:
+        """Finished checkpoints, oldest first (temporary folders are never listed)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        done = self.completed()
+        return done[-1] if done else None
+
+    def save(self, iteration: int, trainer_state: dict, rank_state: dict) -> Path:
+        """Write checkpoint-<iteration> (collective: every rank calls it)."""
+        acc = self.accelerator
+        final = self.root / f"checkpoint-{iteration}"
+        tmp = self.root / f".tmp-checkpoint-{iteration}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        torch.save(rank_state, tmp / rank_file(acc.process_index))
+        if acc.is_main_process:
+            (tmp / ROLES_FILE).write_text(json.dumps(self.roles, indent=2))
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
+        acc.wait_for_everyone()  # every rank's files are in tmp before it becomes visible
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        if self.total_limit is None:
+            return
+        for old in self.completed()[: -self.total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resolve(self, spec: str) -> Path | None:
+        """``latest`` -> newest finished checkpoint (None if there is none yet); a path -> itself."""
+        if spec == "latest":
+            return self.latest()
+        path = Path(spec)
+        if not (path / TRAINER_FILE).exists():
+            raise UserError(f"training.resume_from_checkpoint: {spec} is not a finished checkpoint (no {TRAINER_FILE})")
+        return path
+
+    def load(self, path: Path) -> tuple[dict, dict]:
+        """Restore models/optimizers/schedulers/RNG; return (trainer_state, this rank's state)."""
+        saved_roles = json.loads((path / ROLES_FILE).read_text())
+        if saved_roles != self.roles:
+            raise UserError(
+                f"{path}: checkpoint holds roles {saved_roles['models']} but this run trains {self.roles['models']}; "
+                "resume with the same recipe and roles"
+            )
+        rank_path = path / rank_file(self.accelerator.process_index)
+        if not rank_path.exists():
+            raise UserError(
+                f"{path}: no state for rank {self.accelerator.process_index}; resume on the same world size"
+            )
+        self.accelerator.load_state(str(path))
+        trainer_state = json.loads((path / TRAINER_FILE).read_text())
+        return trainer_state, torch.load(rank_path, weights_only=False)

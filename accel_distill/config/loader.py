@@ -1,0 +1,200 @@
+"""Read a run YAML, apply dotted ``key=value`` overrides, validate everything.
+
+All of this happens before any model is loaded, so a typo costs a second,
+not a 14B checkpoint load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from accel_distill.config.schema import (
+    SECTIONS,
+    PipelineConfig,
+    RecipeConfig,
+    RoleConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from accel_distill.config.validate import build, check_path, check_range, coerce, fail, suggest
+from accel_distill.errors import ConfigError
+
+
+def read_yaml(path: str) -> dict:
+    """The YAML mapping in ``path`` or a one-line ConfigError naming the file (and line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML) into ``data`` in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                fail(source, ".".join(parts[: i + 1]), f"is a value, cannot set {key}")
+            node = child
+        node[parts[-1]] = value
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load, override and fully validate a run configuration."""
+    from accel_distill.registry import FAMILIES, METHODS, load_builtins
+
+    source = str(path)
+    data = read_yaml(source)
+    apply_overrides(data, overrides, source)
+    for name in data:
+        if name not in SECTIONS:
+            fail(source, str(name), "unknown section" + suggest(str(name), SECTIONS))
+    for name in ("recipe", "roles", "training"):
+        if name not in data:
+            fail(source, name, "missing required section")
+
+    recipe = build(RecipeConfig, data["recipe"], "recipe", source)
+    load_builtins()
+    if recipe.family not in FAMILIES:
+        fail(source, "recipe.family", f"unknown family {recipe.family!r}; registered: {', '.join(sorted(FAMILIES))}")
+    if recipe.method not in METHODS:
+        fail(source, "recipe.method", f"unknown method {recipe.method!r}; registered: {', '.join(sorted(METHODS))}")
+    family_cls, method_cls = FAMILIES[recipe.family], METHODS[recipe.method]
+
+    cfg = RunConfig(
+        recipe=recipe,
+        roles=coerce(dict[str, RoleConfig], data["roles"], "roles", source),
+        training=build(TrainingConfig, data["training"], "training", source),
+        pipeline_config=build(PipelineConfig, data.get("pipeline_config"), "pipeline_config", source),
+        method_config=build(method_cls.config_class, data.get("method_config"), "method_config", source),
+        source=source,
+        raw=data,
+    )
+    validate_roles(cfg, method_cls)
+    validate_training(cfg)
+    family_cls.validate_config(cfg)
+    method_cls.validate_config(cfg)
+    return cfg
+
+
+def validate_roles(cfg: RunConfig, method_cls: type) -> None:
+    """Roles must be exactly what the method uses, with the right trainability."""
+    src, name = cfg.source, cfg.recipe.method
+    wanted = ", ".join(method_cls.required_roles)
+    for role in method_cls.required_roles:
+        if role not in cfg.roles:
+            fail(src, f"roles.{role}", f"missing role: method {name!r} needs roles {wanted}")
+    for role, rc in cfg.roles.items():
+        key = f"roles.{role}"
+        if role not in method_cls.required_roles:
+            fail(
+                src,
+                key,
+                f"method {name!r} does not use this role (it uses {wanted})" + suggest(role, method_cls.required_roles),
+            )
+        if rc.family is not None and rc.family != cfg.recipe.family:
+            fail(src, f"{key}.family", f"is {rc.family!r} but recipe.family is {cfg.recipe.family!r}")
+        must = method_cls.role_trainable.get(role)
+        if must is not None and rc.trainable != must:
+            fail(src, f"{key}.trainable", f"method {name!r} needs this role {'trainable' if must else 'frozen'}")
+        check_path(src, f"{key}.path", rc.path, allow_hub=True)
+        check_range(src, f"{key}.learning_rate", rc.learning_rate, 0.0)
+        check_range(src, f"{key}.max_grad_norm", rc.max_grad_norm, 0.0)
+        check_range(src, f"{key}.lr_warmup_steps", rc.lr_warmup_steps, 0)
+        for i, beta in enumerate(rc.betas or ()):
+            check_range(src, f"{key}.betas[{i}]", beta, 0.0, 0.999999)
+        _check_scheduler_name(src, f"{key}.lr_scheduler", rc.lr_scheduler)
+
+
+def _check_scheduler_name(source: str, key: str, name: str | None) -> None:
+    from diffusers.optimization import SchedulerType
+
+    valid = [s.value for s in SchedulerType]
+    if name is not None and name not in valid:
+        fail(source, key, f"unknown lr scheduler {name!r}" + suggest(name, valid))
+
+
+def validate_training(cfg: RunConfig) -> None:
+    """Ranges and paths of the trainer and pipeline sections."""
+    src, t, p = cfg.source, cfg.training, cfg.pipeline_config
+    for name, low in (
+        ("max_train_steps", 1),
+        ("train_batch_size", 1),
+        ("gradient_accumulation_steps", 1),
+        ("dataloader_num_workers", 0),
+        ("checkpointing_steps", 1),
+        ("checkpoints_total_limit", 1),
+        ("max_consecutive_nonfinite", 1),
+        ("log_every", 1),
+        ("validation_steps", 1),
+        ("num_gpus", 1),
+        ("learning_rate", 0.0),
+        ("weight_decay", 0.0),
+        ("adam_epsilon", 0.0),
+        ("lr_warmup_steps", 0),
+        ("max_grad_norm", 0.0),
+    ):
+        check_range(src, f"training.{name}", getattr(t, name), low)
+    for i, beta in enumerate(t.betas):
+        check_range(src, f"training.betas[{i}]", beta, 0.0, 0.999999)
+    _check_scheduler_name(src, "training.lr_scheduler", t.lr_scheduler)
+    check_path(src, "training.data_path", t.data_path)
+    if t.resume_from_checkpoint not in (None, "latest"):
+        check_path(src, "training.resume_from_checkpoint", t.resume_from_checkpoint)
+    if t.log_validation:
+        check_path(src, "training.validation_dataset_file", t.validation_dataset_file)
+    for i, n in enumerate(t.validation_sampling_steps):
+        check_range(src, f"training.validation_sampling_steps[{i}]", n, 1)
+    for tracker in t.trackers:
+        if tracker not in ("wandb", "tensorboard"):
+            fail(src, "training.trackers", f"unknown tracker {tracker!r}; supported: wandb, tensorboard")
+    check_range(src, "pipeline_config.flow_shift", p.flow_shift, 1e-6)
+    check_range(src, "pipeline_config.text_max_length", p.text_max_length, 1)
+    for name in ("height", "width", "num_frames"):
+        check_range(src, f"pipeline_config.{name}", getattr(p, name), 1)
+    check_path(src, "pipeline_config.negative_prompt_embeds", p.negative_prompt_embeds)
+
+
+def resolved_dict(cfg: RunConfig) -> dict:
+    """The validated configuration as plain data (for --dry-run and trackers)."""
+    out = {}
+    for name in SECTIONS:
+        value = getattr(cfg, name)
+        if name == "roles":
+            out[name] = {r: dataclasses.asdict(rc) for r, rc in value.items()}
+        else:
+            out[name] = dataclasses.asdict(value)
+    return _plain(out)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,134 @@
+"""The run configuration: typed sections of the YAML file.
+
+Field types drive validation (``config/validate.py``); defaults are the
+documented defaults. Method-specific settings live in each method's own
+dataclass (``method_config``), so adding a method never edits this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RecipeConfig:
+    """Which model family and which training method to run."""
+
+    family: str
+    method: str
+
+
+@dataclass
+class RoleConfig:
+    """One participant (student, teacher, critic, ...) and how it trains.
+
+    Optimizer settings left unset inherit from ``training``; the critic may
+    therefore run its own learning rate and betas (FastVideo's
+    ``fake_score_learning_rate`` / ``fake_score_betas``).
+    """
+
+    path: str
+    trainable: bool = False
+    family: str | None = None
+    subfolder: str = "transformer"
+    revision: str | None = None
+    # Weight dtype of the role. Default: fp32 master weights for trainable roles,
+    # the mixed-precision dtype for frozen ones (a bf16 teacher halves its memory).
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    gradient_checkpointing: bool = False
+    learning_rate: float | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    adam_epsilon: float | None = None
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int | None = None
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """Infrastructure: data, loop, optimizer defaults, checkpoints, logging."""
+
+    output_dir: str
+    data_path: str
+    seed: int = 0
+    max_train_steps: int = 1000
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    dataloader_num_workers: int = 2
+    shuffle: bool = True
+    num_gpus: int | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    allow_tf32: bool = True
+
+    learning_rate: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+
+    max_consecutive_nonfinite: int = 5
+
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    export_dir: str | None = None
+
+    log_every: int = 1
+    trackers: list[str] = field(default_factory=list)
+    tracker_project_name: str = "accel_distill"
+    wandb_run_name: str | None = None
+
+    log_validation: bool = False
+    validation_steps: int = 500
+    validation_dataset_file: str | None = None
+    validation_sampling_steps: list[int] = field(default_factory=list)
+    validation_guidance_scale: list[float] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    """Model-side settings shared by all methods of a family."""
+
+    # Timestep shift of the flow-matching schedule; default: the student's scheduler config.
+    flow_shift: float | None = None
+    # How few-step students move between their steps: "sde" re-noises the predicted
+    # x0 (DMD / FlowMatchLCMScheduler), "ode" takes Euler steps (FlowMatchEulerDiscreteScheduler).
+    sampler_kind: Literal["ode", "sde"] = "sde"
+    # Prompt embeddings are zero-padded to this length, as diffusers' WanPipeline does.
+    text_max_length: int = 512
+    # Unconditional embedding for CFG: a tensor file ([L, D]) or a prompt encoded once at start-up.
+    negative_prompt_embeds: str | None = None
+    negative_prompt: str = ""
+    # Video size for data-free (text-only) rollouts; ignored when the data carry latents.
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+
+
+SECTIONS = ("recipe", "roles", "training", "pipeline_config", "method_config")
+
+
+@dataclass
+class RunConfig:
+    """The whole run, validated. ``method_config`` is the method's own dataclass."""
+
+    recipe: RecipeConfig
+    roles: dict[str, RoleConfig]
+    training: TrainingConfig
+    pipeline_config: PipelineConfig
+    method_config: object
+    source: str = "<config>"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def role_defaults(self, role: str) -> dict:
+        """Optimizer settings of ``role`` with ``training`` defaults filled in."""
+        r, t = self.roles[role], self.training
+        pick = lambda name: getattr(r, name) if getattr(r, name) is not None else getattr(t, name)  # noqa: E731
+        names = ("learning_rate", "betas", "weight_decay", "adam_epsilon", "lr_scheduler", "lr_warmup_steps")
+        out = {n: pick(n) for n in names}
+        out["max_grad_norm"] = r.max_grad_norm if r.max_grad_norm is not None else t.max_grad_norm
+        return out

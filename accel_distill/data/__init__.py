@@ -1,0 +1,46 @@
+"""Training data: the parquet format (schema) and the resumable batch stream."""
+
+from .schema import (
+    CAPTION,
+    DTYPES,
+    ID,
+    LATENT_BYTES,
+    LATENT_COLUMNS,
+    LATENT_DTYPE,
+    LATENT_SHAPE,
+    METADATA_FIELDS,
+    REQUIRED_COLUMNS,
+    TEXT_BYTES,
+    TEXT_COLUMNS,
+    TEXT_DTYPE,
+    TEXT_SHAPE,
+    bytes_to_tensor,
+    dtype_from_name,
+    dtype_name,
+    tensor_to_bytes,
+    write_parquet,
+)
+from .stream import LatentStream, find_parquet_files
+
+__all__ = [
+    "CAPTION",
+    "DTYPES",
+    "ID",
+    "LATENT_BYTES",
+    "LATENT_COLUMNS",
+    "LATENT_DTYPE",
+    "LATENT_SHAPE",
+    "METADATA_FIELDS",
+    "REQUIRED_COLUMNS",
+    "TEXT_BYTES",
+    "TEXT_COLUMNS",
+    "TEXT_DTYPE",
+    "TEXT_SHAPE",
+    "LatentStream",
+    "bytes_to_tensor",
+    "dtype_from_name",
+    "dtype_name",
+    "find_parquet_files",
+    "tensor_to_bytes",
+    "write_parquet",
+]

@@ -1,0 +1,161 @@
+"""The method contract (FastGen style) the trainer calls, and its shared plumbing.
+
+A method owns the algorithm, its roles, its update schedule and its losses.
+The trainer only calls ``train_step``, ``backward`` on ``total_loss`` and,
+after the last micro-batch, ``optimizers_schedulers_step`` /
+``optimizers_zero_grad``. A scheduler steps exactly when its optimizer does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from accel_distill.config.schema import RunConfig
+from accel_distill.families.base import FlowMatchAdapter
+from accel_distill.roles import ModelBundle, RoleHandle
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, rank, stream, ...) without the collisions of seed + rank + iter."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+SHARED_STREAM, PRIVATE_STREAM = 0, 1
+
+
+class DistillMethod(ABC):
+    """Base class of training methods. Subclass, set the class attributes, register."""
+
+    name: str = ""
+    config_class: type
+    required_roles: tuple[str, ...] = ()
+    # role -> must it be trainable (True) or frozen (False)
+    role_trainable: dict[str, bool] = {}
+    required_capabilities: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        adapter: FlowMatchAdapter,
+        cfg: RunConfig,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        neg_cond: torch.Tensor | None = None,
+    ):
+        bundle.require(self.required_roles, self.name)
+        missing = self.required_capabilities - adapter.capabilities
+        if missing:
+            raise ValueError(f"method {self.name!r} needs adapter capabilities {sorted(missing)}")
+        self.bundle, self.adapter, self.cfg = bundle, adapter, cfg
+        self.config = cfg.method_config
+        self.device = device
+        self.neg_cond = None if neg_cond is None else neg_cond.to(device)
+        seed = cfg.training.seed
+        # Per-rank noise; and a stream identical on every rank for choices that change
+        # the compute graph (sharded models need the same forwards on every rank).
+        self.noise_gen = torch.Generator(device).manual_seed(derived_seed(seed, PRIVATE_STREAM, rank))
+        self.shared_gen = torch.Generator(device).manual_seed(derived_seed(seed, SHARED_STREAM))
+        # One sample's latent [C, T, H, W] for data-free rollouts; set from pipeline_config.
+        self.latent_shape: tuple[int, ...] | None = None
+
+    # --- config-time hooks ------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, cfg: RunConfig) -> None:
+        """Cross-field checks of ``method_config`` (raise via ``config.validate.fail``)."""
+        return None
+
+    @classmethod
+    def needs_latents(cls, cfg: RunConfig) -> bool:
+        """Whether batches must carry data latents (False: text-only data suffice)."""
+        return True
+
+    @classmethod
+    def needs_negative_conditioning(cls, cfg: RunConfig) -> bool:
+        """Whether the method uses the unconditional (negative-prompt) embedding."""
+        return False
+
+    @classmethod
+    def optimizer_steps(cls, cfg: RunConfig, role: str) -> int:
+        """How many times ``role``'s optimizer steps in the run: the length of its LR schedule."""
+        return cfg.training.max_train_steps
+
+    @classmethod
+    def describe(cls, cfg: RunConfig) -> list[str]:
+        """Lines for ``--dry-run``: what this method will do with the config."""
+        return []
+
+    # --- the contract -----------------------------------------------------------------
+    @abstractmethod
+    def train_step(self, batch: dict[str, Any], iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """One micro-batch: ``loss_map`` holds ``total_loss``; ``outputs`` are for logging only."""
+
+    def updating_roles(self, iteration: int) -> list[str]:
+        """Trainable roles whose optimizer steps at ``iteration`` (default: all, every time)."""
+        return list(self.bundle.trainable)
+
+    def get_optimizers(self, iteration: int) -> list[torch.optim.Optimizer]:
+        return [self.bundle[r].optimizer for r in self.updating_roles(iteration)]
+
+    def get_lr_schedulers(self, iteration: int) -> list:
+        return [self.bundle[r].lr_scheduler for r in self.updating_roles(iteration)]
+
+    def optimizers_schedulers_step(self, iteration: int) -> None:
+        for opt, sched in zip(self.get_optimizers(iteration), self.get_lr_schedulers(iteration)):
+            opt.step()
+            sched.step()
+
+    def optimizers_zero_grad(self, iteration: int) -> None:
+        # Every trainable role, stepped or not: no gradient may leak into a later iteration.
+        for role in self.bundle.trainable.values():
+            role.optimizer.zero_grad(set_to_none=True)
+
+    def grad_clip_targets(self, iteration: int) -> list[tuple[str, torch.nn.Module, float | None]]:
+        """(name, prepared module, max_norm) of each role stepping now; the trainer clips them."""
+        return [(r, self.bundle[r].transformer, self.bundle[r].max_grad_norm) for r in self.updating_roles(iteration)]
+
+    @property
+    def model_dict(self) -> dict[str, torch.nn.Module]:
+        return {n: r.transformer for n, r in self.bundle.trainable.items()}
+
+    @property
+    def optimizer_dict(self) -> dict[str, torch.optim.Optimizer]:
+        return {n: r.optimizer for n, r in self.bundle.trainable.items()}
+
+    @property
+    def scheduler_dict(self) -> dict:
+        return {n: r.lr_scheduler for n, r in self.bundle.trainable.items()}
+
+    # --- export and state -------------------------------------------------------------
+    def export_role(self) -> RoleHandle:
+        """The role whose weights are the product of the run."""
+        return self.bundle["student"]
+
+    def export_schedule(self):
+        """The few-step schedule to export with the student, or None to keep the source scheduler."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {"noise_gen": self.noise_gen.get_state(), "shared_gen": self.shared_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise_gen.set_state(state["noise_gen"])
+        self.shared_gen.set_state(state["shared_gen"])
+
+    # --- helpers for subclasses ---------------------------------------------------------
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=torch.float32)
+
+    def rand(self, n: int, *, shared: bool = False) -> torch.Tensor:
+        gen = self.shared_gen if shared else self.noise_gen
+        return torch.rand(n, generator=gen, device=self.device)
+
+    def negative_like(self, cond: torch.Tensor) -> torch.Tensor:
+        """The negative-prompt embedding broadcast to ``cond``'s batch."""
+        if self.neg_cond is None:
+            raise ValueError(f"method {self.name!r} needs a negative-prompt embedding but none was loaded")
+        return self.neg_cond.to(cond.dtype).unsqueeze(0).expand(cond.shape[0], *self.neg_cond.shape)

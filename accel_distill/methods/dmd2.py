@@ -1,0 +1,219 @@
+"""DMD2: distribution-matching distillation of a teacher into a few-step student.
+
+Roles: ``student`` (trainable generator), ``teacher`` (frozen real score),
+``critic`` (trainable fake score). Every iteration trains the critic with
+flow matching on detached student samples; every ``generator_update_interval``
+iterations the student also takes the normalised DMD gradient
+
+    grad = (x0_fake - x0_real) / mean(|x0_student - x0_real|)   (per sample)
+
+through the pseudo-loss 0.5 * ||x0 - sg(x0 - grad)||^2. The teacher's x0 uses
+classifier-free guidance in diffusers' convention,
+``v = v_neg + g (v_cond - v_neg)`` (g = 1: no guidance, one forward). FastVideo
+writes ``v_cond + g' (v_cond - v_neg)``, so its g' = our g - 1.
+On student-update iterations the critic reuses that same (detached) student
+sample instead of running a second rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from accel_distill.config.schema import RunConfig
+from accel_distill.config.validate import check_range, fail
+from accel_distill.methods.base import DistillMethod
+from accel_distill.registry import register_method
+from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
+
+
+@dataclass
+class DMD2Config:
+    # "simulate": backward simulation from pure noise (train == inference, data-free);
+    # "data": the student denoises noised data latents at one of its steps.
+    rollout_mode: Literal["simulate", "data"] = "simulate"
+    # The student's timesteps (a trailing 0 marks the clean end and is dropped).
+    dmd_denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 757.0, 522.0])
+    # Critic every iteration; student when iteration % interval == 0.
+    generator_update_interval: int = 5
+    real_score_guidance_scale: float = 3.5
+    # Score/critic timesteps: u ~ U[min, max] per sample, then the family's flow shift.
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    shift_score_timesteps: bool = True
+    # How far (in timestep units) the exported scheduler may miss a requested step.
+    step_tolerance: float = 1.0
+    attn_kind: Literal["dense"] = "dense"
+
+
+def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """Normalised DMD direction (fake - real) / mean|x0 - real|, per sample, NaN-safe."""
+    dims = tuple(range(1, x0.dim()))
+    scale = (x0.float() - real_x0.float()).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((fake_x0.float() - real_x0.float()) / scale)
+
+
+def dmd_pseudo_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean((x0 - sg(x0 - grad))^2): its gradient w.r.t. x0 is grad / numel."""
+    x0 = x0.float()
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def critic_flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Flow matching of the fake score on (detached) student samples: target noise - x0."""
+    return F.mse_loss(v_pred.float(), (noise - x0).float())
+
+
+@register_method("dmd2")
+class DMD2Method(DistillMethod):
+    """Distribution matching distillation (Yin et al. 2024) with backward simulation."""
+
+    config_class = DMD2Config
+    required_roles = ("student", "teacher", "critic")
+    role_trainable = {"student": True, "teacher": False, "critic": True}
+    required_capabilities = frozenset({"flow_prediction", "x0_prediction", "cfg"})
+
+    @classmethod
+    def validate_config(cls, cfg: RunConfig) -> None:
+        c, src = cfg.method_config, cfg.source
+        check_range(src, "method_config.generator_update_interval", c.generator_update_interval, 1)
+        check_range(src, "method_config.real_score_guidance_scale", c.real_score_guidance_scale, 0.0)
+        check_range(src, "method_config.min_timestep_ratio", c.min_timestep_ratio, 0.0, 1.0)
+        check_range(src, "method_config.max_timestep_ratio", c.max_timestep_ratio, 0.0, 1.0)
+        check_range(src, "method_config.step_tolerance", c.step_tolerance, 0.0)
+        if c.min_timestep_ratio >= c.max_timestep_ratio:
+            fail(
+                src,
+                "method_config.min_timestep_ratio",
+                f"must be below max_timestep_ratio ({c.min_timestep_ratio} >= {c.max_timestep_ratio})",
+            )
+        cls.schedule_from(cfg)
+
+    @classmethod
+    def schedule_from(cls, cfg: RunConfig) -> FewStepSchedule:
+        c = cfg.method_config
+        return fit_few_step_schedule(
+            c.dmd_denoising_steps,
+            key=f"{cfg.source}: method_config.dmd_denoising_steps",
+            tolerance=c.step_tolerance,
+            kind=cfg.pipeline_config.sampler_kind,
+        )
+
+    @classmethod
+    def needs_latents(cls, cfg: RunConfig) -> bool:
+        return cfg.method_config.rollout_mode == "data"
+
+    @classmethod
+    def optimizer_steps(cls, cfg: RunConfig, role: str) -> int:
+        if role == "student":  # iterations 0, k, 2k, ... below max_train_steps
+            return -(-cfg.training.max_train_steps // cfg.method_config.generator_update_interval)
+        return cfg.training.max_train_steps
+
+    @classmethod
+    def needs_negative_conditioning(cls, cfg: RunConfig) -> bool:
+        return cfg.method_config.real_score_guidance_scale != 1.0
+
+    @classmethod
+    def describe(cls, cfg: RunConfig) -> list[str]:
+        c, s = cfg.method_config, cls.schedule_from(cfg)
+        steps = ", ".join(f"{t:.1f}" for t in s.timesteps)
+        return [
+            f"dmd2: {c.rollout_mode} rollout, student timesteps [{steps}] ({cfg.pipeline_config.sampler_kind} sampler)",
+            f"dmd2: critic every iteration, student every {c.generator_update_interval}, "
+            f"teacher CFG {c.real_score_guidance_scale} (v_neg + g (v_cond - v_neg))",
+        ]
+
+    def __init__(self, bundle, adapter, cfg, **kwargs):
+        super().__init__(bundle, adapter, cfg, **kwargs)
+        self.schedule = self.schedule_from(cfg)
+        self.timesteps = torch.tensor(self.schedule.timesteps, dtype=torch.float32, device=self.device)
+        self.sampler_kind = cfg.pipeline_config.sampler_kind
+
+    # --- schedule ---------------------------------------------------------------------
+    def updates_student(self, iteration: int) -> bool:
+        return iteration % self.config.generator_update_interval == 0
+
+    def updating_roles(self, iteration: int) -> list[str]:
+        return ["student", "critic"] if self.updates_student(iteration) else ["critic"]
+
+    def export_schedule(self) -> FewStepSchedule:
+        return self.schedule
+
+    # --- pieces -----------------------------------------------------------------------
+    def score_timesteps(self, n: int) -> torch.Tensor:
+        """Per-sample timesteps for the score / critic evaluations."""
+        c = self.config
+        u = c.min_timestep_ratio + (c.max_timestep_ratio - c.min_timestep_ratio) * self.rand(n)
+        if c.shift_score_timesteps:
+            return self.adapter.timesteps_from_uniform(u)
+        return u * self.adapter.num_train_timesteps
+
+    def next_sample(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Move from t to t_next as the exported sampler will (sde: re-noise x0; ode: Euler)."""
+        if self.sampler_kind == "ode":
+            return x_t + (self.adapter.sigma(t_next, x_t) - self.adapter.sigma(t, x_t)) * v
+        x0 = self.adapter.flow_to_x0(v, x_t, t)
+        return self.adapter.add_noise(x0, self.randn_like(x0), t_next)
+
+    def rollout_start(self, batch: dict, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(x_t, t, exit index): where the student's graded step starts."""
+        student, n_steps = self.bundle["student"], len(self.timesteps)
+        b = cond.shape[0]
+        if self.config.rollout_mode == "data":
+            x0 = self.adapter.normalize_latents(batch["latents"])
+            idx = torch.randint(n_steps, (b,), generator=self.noise_gen, device=self.device)
+            t = self.timesteps[idx]
+            return self.adapter.add_noise(x0, self.randn_like(x0), t), t, -1
+        shape = tuple(batch["latents"].shape[1:]) if "latents" in batch else self.latent_shape
+        x = torch.randn((b, *shape), generator=self.noise_gen, device=self.device)
+        exit_idx = int(torch.randint(n_steps, (1,), generator=self.shared_gen, device=self.device))
+        with torch.no_grad():  # only the steps this exit index needs, never the whole chain
+            for i in range(exit_idx):
+                t, t_next = self.timesteps[i].expand(b), self.timesteps[i + 1].expand(b)
+                x = self.next_sample(x, self.adapter.predict_flow(student, x, t, cond), t, t_next)
+        return x, self.timesteps[exit_idx].expand(b), exit_idx
+
+    def student_x0(self, batch: dict, cond: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, dict]:
+        x_t, t, exit_idx = self.rollout_start(batch, cond)
+        with torch.set_grad_enabled(grad):
+            x0 = self.adapter.predict_x0(self.bundle["student"], x_t, t, cond)
+        return x0, {"student_timesteps": t, "exit_index": exit_idx}
+
+    def dmd_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            t = self.score_timesteps(x0.shape[0])
+            x_t = self.adapter.add_noise(x0.detach(), self.randn_like(x0), t)
+            fake_x0 = self.adapter.predict_x0(self.bundle["critic"], x_t, t, cond)
+            g = self.config.real_score_guidance_scale
+            neg = self.negative_like(cond) if g != 1.0 else None
+            real_x0 = self.adapter.predict_x0_cfg(self.bundle["teacher"], x_t, t, cond, neg, g)
+            grad = dmd_gradient(x0.detach(), fake_x0, real_x0)
+        return dmd_pseudo_loss(x0, grad), {"dmd_timesteps": t, "dmd_grad_norm": grad.norm().detach()}
+
+    def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x0 = x0.detach()
+        t = self.score_timesteps(x0.shape[0])
+        noise = self.randn_like(x0)
+        v = self.adapter.predict_flow(self.bundle["critic"], self.adapter.add_noise(x0, noise, t), t, cond)
+        return critic_flow_loss(v, x0, noise)
+
+    # --- the step ---------------------------------------------------------------------
+    def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
+        cond = batch["text_embeds"]
+        update_student = self.updates_student(iteration)
+        x0, outputs = self.student_x0(batch, cond, grad=update_student)
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        if update_student:
+            dmd, extra = self.dmd_loss(x0, cond)
+            outputs.update(extra)
+            losses["dmd_loss"] = dmd.detach()
+            total = total + dmd
+        critic = self.critic_loss(x0, cond)  # reuses this iteration's student sample
+        losses["critic_loss"] = critic.detach()
+        losses["total_loss"] = total + critic
+        outputs["student_x0"] = x0.detach()
+        return losses, outputs

@@ -1,0 +1,63 @@
+"""Roles: the named participants of a run and their training state.
+
+A role is only a string key ("student", "teacher", "critic", ...); the trainer
+and the checkpointing treat every role alike. Methods look roles up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_trainable(module: torch.nn.Module, trainable: bool) -> torch.nn.Module:
+    """The one place that sets requires_grad and train/eval mode together."""
+    module.requires_grad_(trainable)
+    module.train(trainable)
+    return module
+
+
+@dataclass
+class RoleHandle:
+    """One role's modules and, when trainable, its optimizer and LR scheduler."""
+
+    name: str
+    modules: dict[str, torch.nn.Module]
+    trainable: bool
+    dtype: torch.dtype
+    max_grad_norm: float | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    source: str = ""
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.modules["transformer"]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.parameters()]
+
+
+@dataclass
+class ModelBundle:
+    """All roles of a run, keyed by role name."""
+
+    roles: dict[str, RoleHandle] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> RoleHandle:
+        return self.roles[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.roles
+
+    def require(self, names: tuple[str, ...], method: str) -> None:
+        missing = [n for n in names if n not in self.roles]
+        if missing:
+            raise ValueError(f"method {method!r} needs roles {', '.join(names)}; missing: {', '.join(missing)}")
+
+    @property
+    def trainable(self) -> dict[str, RoleHandle]:
+        return {n: r for n, r in self.roles.items() if r.trainable}

@@ -1,0 +1,90 @@
+"""One training run end to end: build, resume, train, checkpoint, export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from accelerate.logging import get_logger
+
+from accel_distill.builder import Runtime, build_runtime, checkpoint_roles
+from accel_distill.checkpoint import CheckpointManager
+from accel_distill.config import RunConfig, resolved_dict
+from accel_distill.export import export_student
+from accel_distill.trainer import Trainer, TrainerState
+
+logger = get_logger(__name__)
+
+
+def flat_config(cfg: RunConfig) -> dict:
+    """The resolved config as flat ``section.key`` scalars, for any tracker."""
+    out = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", resolved_dict(cfg))
+    return out
+
+
+def start_trackers(cfg: RunConfig, rt: Runtime) -> None:
+    t = cfg.training
+    if not t.trackers:
+        return
+    init_kwargs = {"wandb": {"name": t.wandb_run_name}} if t.wandb_run_name else {}
+    rt.accelerator.init_trackers(t.tracker_project_name, config=flat_config(cfg), init_kwargs=init_kwargs)
+
+
+def resume(cfg: RunConfig, rt: Runtime, ckpt: CheckpointManager) -> TrainerState:
+    """Restore everything a checkpoint holds; a fresh state when there is nothing to resume."""
+    spec = cfg.training.resume_from_checkpoint
+    path = ckpt.resolve(spec) if spec else None
+    if path is None:
+        return TrainerState()
+    trainer_state, rank_state = ckpt.load(path)
+    rt.stream.load_state_dict(rank_state["data"])
+    rt.method.load_state_dict(rank_state["method"])
+    logger.info(f"resumed from {path} at iteration {trainer_state['iteration']}", main_process_only=True)
+    return TrainerState(**trainer_state)
+
+
+def export(cfg: RunConfig, rt: Runtime) -> Path:
+    """Write the student alone as a diffusers folder (every rank calls: gathering can be collective)."""
+    out = Path(cfg.training.export_dir or Path(cfg.training.output_dir) / "export")
+    role = rt.method.export_role()
+    acc = rt.accelerator
+    if acc.is_main_process:
+        export_student(acc.unwrap_model(role.transformer), role.source, out, rt.method.export_schedule())
+    acc.wait_for_everyone()
+    return out
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run the recipe in ``cfg``; returns the export folder."""
+    rt = build_runtime(cfg)
+    acc = rt.accelerator
+    if cfg.training.log_validation:
+        logger.warning(
+            "training.log_validation: validation sampling is not implemented in this version; no samples are made",
+            main_process_only=True,
+        )
+    start_trackers(cfg, rt)
+    ckpt = CheckpointManager(
+        acc,
+        cfg.training.output_dir,
+        roles=checkpoint_roles(rt.bundle),
+        total_limit=cfg.training.checkpoints_total_limit,
+    )
+    state = resume(cfg, rt, ckpt)
+
+    def save(s: TrainerState) -> None:
+        ckpt.save(s.iteration, asdict(s), {"data": rt.stream.state_dict(), "method": rt.method.state_dict()})
+
+    Trainer(acc, rt.method, iter(rt.stream), cfg.training, state=state, save_checkpoint=save).run()
+    out = export(cfg, rt)
+    acc.end_training()
+    return out

@@ -1,0 +1,151 @@
+"""The algorithm-agnostic training loop.
+
+It knows the method contract and accelerate, nothing about roles or
+algorithms: it owns gradient accumulation (no gradient sync on non-final
+micro-batches, loss / G, one optimizer step), per-module grad clipping, the
+non-finite guard, progress, logging and checkpoint cadence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from accel_distill.config.schema import TrainingConfig
+from accel_distill.errors import UserError
+from accel_distill.methods.base import DistillMethod
+
+logger = get_logger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive iterations with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainerState:
+    """Counters that are part of a checkpoint."""
+
+    iteration: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs ``method`` for ``cfg.max_train_steps`` iterations over ``batches``."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        method: DistillMethod,
+        batches: Iterator[dict],
+        cfg: TrainingConfig,
+        *,
+        state: TrainerState | None = None,
+        save_checkpoint: Callable[[TrainerState], None] | None = None,
+    ):
+        self.acc, self.method, self.batches, self.cfg = accelerator, method, batches, cfg
+        self.state = state or TrainerState()
+        self.save_checkpoint = save_checkpoint
+
+    # --- pieces -------------------------------------------------------------------------
+    def _no_sync(self, sync: bool) -> contextlib.ExitStack:
+        """Skip DDP/FSDP gradient all-reduce on every trainable module until the last micro-batch."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for module in self.method.model_dict.values():
+                stack.enter_context(self.acc.no_sync(module))
+        return stack
+
+    def _forward_backward(self, iteration: int) -> dict[str, torch.Tensor]:
+        g = self.cfg.gradient_accumulation_steps
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(g):
+            batch = move_to(next(self.batches), self.acc.device)
+            with self._no_sync(sync=micro == g - 1):
+                with self.acc.autocast():
+                    loss_map, _ = self.method.train_step(batch, iteration)
+                self.acc.backward(loss_map["total_loss"] / g)
+            for k, v in loss_map.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / g
+        return sums
+
+    def _clip(self, iteration: int) -> dict[str, torch.Tensor]:
+        """Clip (or just measure) the grad norm of each module whose optimizer steps now."""
+        norms = {}
+        for name, module, max_norm in self.method.grad_clip_targets(iteration):
+            limit = max_norm if max_norm is not None else math.inf
+            norms[f"grad_norm/{name}"] = self.acc.clip_grad_norm_(list(module.parameters()), limit).detach().float()
+        return norms
+
+    def _all_finite(self, values: list[torch.Tensor]) -> bool:
+        bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=self.acc.device)
+        return bool(self.acc.reduce(bad, reduction="sum").item() == 0)  # every rank decides alike
+
+    def _log(self, metrics: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
+        names = sorted(metrics)
+        stacked = torch.stack([metrics[n].reshape(()) for n in names])
+        means = self.acc.reduce(stacked, reduction="mean").tolist() if self.acc.num_processes > 1 else stacked.tolist()
+        logs = dict(zip(names, means))
+        for name, opt in self.method.optimizer_dict.items():
+            logs[f"lr/{name}"] = opt.param_groups[0]["lr"]
+        logs.update(step_time=step_time, skipped_steps=float(self.state.skipped_steps))
+        self.acc.log(logs, step=self.state.iteration)
+        return logs
+
+    # --- the loop -----------------------------------------------------------------------
+    def step(self) -> dict[str, torch.Tensor]:
+        """One iteration: G micro-batches, then clip + step (or skip if non-finite)."""
+        it = self.state.iteration
+        metrics = self._forward_backward(it)
+        metrics.update(self._clip(it))
+        if self._all_finite(list(metrics.values())):
+            self.method.optimizers_schedulers_step(it)
+            self.state.consecutive_nonfinite = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_nonfinite += 1
+            logger.warning(f"iteration {it}: non-finite loss or gradient, update skipped", main_process_only=True)
+            if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+                raise TrainingDiverged(
+                    f"training diverged: {self.state.consecutive_nonfinite} consecutive iterations with a non-finite "
+                    f"loss or gradient (training.max_consecutive_nonfinite) at iteration {it}; lower the learning "
+                    "rate or check the data"
+                )
+        self.method.optimizers_zero_grad(it)
+        self.state.iteration += 1
+        return metrics
+
+    def run(self) -> TrainerState:
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.max_train_steps,
+            initial=self.state.iteration,
+            desc="train",
+            disable=not self.acc.is_local_main_process,
+        )
+        while self.state.iteration < cfg.max_train_steps:
+            start = time.perf_counter()
+            metrics = self.step()
+            elapsed = time.perf_counter() - start
+            it = self.state.iteration
+            if it % cfg.log_every == 0 or it == cfg.max_train_steps:
+                logs = self._log(metrics, elapsed)
+                bar.set_postfix(loss=f"{logs['total_loss']:.4g}", step_s=f"{elapsed:.2f}")
+            bar.update(1)
+            if self.save_checkpoint and (it % cfg.checkpointing_steps == 0 or it == cfg.max_train_steps):
+                self.save_checkpoint(self.state)
+        bar.close()
+        return self.state
