@@ -84,7 +84,10 @@ def train(cfg: RunConfig) -> Path:
     def save(s: TrainerState) -> None:
         ckpt.save(s.iteration, asdict(s), {"data": rt.stream.state_dict(), "method": rt.method.state_dict()})
 
-    Trainer(acc, rt.method, iter(rt.stream), cfg.training, state=state, save_checkpoint=save).run()
+    metrics = Path(cfg.training.output_dir) / "logs" / "metrics.jsonl"
+    Trainer(
+        acc, rt.method, iter(rt.stream), cfg.training, state=state, save_checkpoint=save, metrics_file=metrics
+    ).run()
     out = export(cfg, rt)
     acc.end_training()
     return out

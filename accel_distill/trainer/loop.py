@@ -9,10 +9,12 @@ non-finite guard, progress, logging and checkpoint cadence.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -55,10 +57,15 @@ class Trainer:
         *,
         state: TrainerState | None = None,
         save_checkpoint: Callable[[TrainerState], None] | None = None,
+        metrics_file: str | Path | None = None,
     ):
         self.acc, self.method, self.batches, self.cfg = accelerator, method, batches, cfg
         self.state = state or TrainerState()
         self.save_checkpoint = save_checkpoint
+        # Every logged step also lands here as one JSON line (main process), whatever the trackers.
+        self.metrics_file = Path(metrics_file) if metrics_file is not None else None
+        if self.metrics_file is not None and self.acc.is_main_process:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
 
     # --- pieces -------------------------------------------------------------------------
     def _no_sync(self, sync: bool) -> contextlib.ExitStack:
@@ -103,6 +110,9 @@ class Trainer:
             logs[f"lr/{name}"] = opt.param_groups[0]["lr"]
         logs.update(step_time=step_time, skipped_steps=float(self.state.skipped_steps))
         self.acc.log(logs, step=self.state.iteration)
+        if self.metrics_file is not None and self.acc.is_main_process:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iteration": self.state.iteration, **logs}) + "\n")
         return logs
 
     # --- the loop -----------------------------------------------------------------------
