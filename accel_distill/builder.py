@@ -89,9 +89,9 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
     return bundle
 
 
-def checkpoint_roles(bundle: ModelBundle) -> dict:
-    """Which role each of accelerate's numbered model/optimizer/scheduler files holds."""
-    names = list(bundle.trainable)
+def checkpoint_roles(cfg: RunConfig) -> dict:
+    """Which role each of accelerate's numbered model/optimizer/scheduler files holds (prepare order)."""
+    names = [name for name, rc in cfg.roles.items() if rc.trainable]
     return {"models": names, "optimizers": names, "schedulers": names}
 
 

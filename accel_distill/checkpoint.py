@@ -29,6 +29,39 @@ def rank_file(rank: int) -> str:
     return f"rank_state_{rank}.pt"
 
 
+def completed_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first (temporary folders are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str | Path, spec: str | None, roles: dict) -> Path | None:
+    """Resolve ``resume_from_checkpoint`` and check it fits ``roles`` -- before any model loads.
+
+    ``latest`` -> the newest finished checkpoint (None if there is none yet); a path -> itself.
+    """
+    if spec is None:
+        return None
+    if spec == "latest":
+        done = completed_checkpoints(Path(output_dir) / "checkpoints")
+        if not done:
+            return None
+        path = done[-1]
+    else:
+        path = Path(spec)
+        if not (path / TRAINER_FILE).exists():
+            raise UserError(f"training.resume_from_checkpoint: {spec} is not a finished checkpoint (no {TRAINER_FILE})")
+    saved = json.loads((path / ROLES_FILE).read_text())
+    if saved != roles:
+        raise UserError(
+            f"{path}: checkpoint holds roles {saved['models']} but this run trains {roles['models']}; "
+            "resume with the same recipe and roles"
+        )
+    return path
+
+
 class CheckpointManager:
     """Save, rotate, find and restore checkpoints under ``<output_dir>/checkpoints``."""
 
@@ -37,17 +70,6 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.roles = roles  # {"models": [...], "optimizers": [...], "schedulers": [...]} in prepare order
         self.total_limit = total_limit
-
-    def completed(self) -> list[Path]:
-        """Finished checkpoints, oldest first (temporary folders are never listed)."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
-
-    def latest(self) -> Path | None:
-        done = self.completed()
-        return done[-1] if done else None
 
     def save(self, iteration: int, trainer_state: dict, rank_state: dict) -> Path:
         """Write checkpoint-<iteration> (collective: every rank calls it)."""
@@ -75,26 +97,11 @@ class CheckpointManager:
     def _rotate(self) -> None:
         if self.total_limit is None:
             return
-        for old in self.completed()[: -self.total_limit]:
+        for old in completed_checkpoints(self.root)[: -self.total_limit]:
             shutil.rmtree(old, ignore_errors=True)
-
-    def resolve(self, spec: str) -> Path | None:
-        """``latest`` -> newest finished checkpoint (None if there is none yet); a path -> itself."""
-        if spec == "latest":
-            return self.latest()
-        path = Path(spec)
-        if not (path / TRAINER_FILE).exists():
-            raise UserError(f"training.resume_from_checkpoint: {spec} is not a finished checkpoint (no {TRAINER_FILE})")
-        return path
 
     def load(self, path: Path) -> tuple[dict, dict]:
         """Restore models/optimizers/schedulers/RNG; return (trainer_state, this rank's state)."""
-        saved_roles = json.loads((path / ROLES_FILE).read_text())
-        if saved_roles != self.roles:
-            raise UserError(
-                f"{path}: checkpoint holds roles {saved_roles['models']} but this run trains {self.roles['models']}; "
-                "resume with the same recipe and roles"
-            )
         rank_path = path / rank_file(self.accelerator.process_index)
         if not rank_path.exists():
             raise UserError(

@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from accel_distill.builder import Runtime, build_runtime, checkpoint_roles
-from accel_distill.checkpoint import CheckpointManager
+from accel_distill.checkpoint import CheckpointManager, find_resume_checkpoint
 from accel_distill.config import RunConfig, resolved_dict
 from accel_distill.export import export_student
 from accel_distill.trainer import Trainer, TrainerState
@@ -39,10 +39,8 @@ def start_trackers(cfg: RunConfig, rt: Runtime) -> None:
     rt.accelerator.init_trackers(t.tracker_project_name, config=flat_config(cfg), init_kwargs=init_kwargs)
 
 
-def resume(cfg: RunConfig, rt: Runtime, ckpt: CheckpointManager) -> TrainerState:
+def resume(rt: Runtime, ckpt: CheckpointManager, path: Path | None) -> TrainerState:
     """Restore everything a checkpoint holds; a fresh state when there is nothing to resume."""
-    spec = cfg.training.resume_from_checkpoint
-    path = ckpt.resolve(spec) if spec else None
     if path is None:
         return TrainerState()
     trainer_state, rank_state = ckpt.load(path)
@@ -65,6 +63,8 @@ def export(cfg: RunConfig, rt: Runtime) -> Path:
 
 def train(cfg: RunConfig) -> Path:
     """Run the recipe in ``cfg``; returns the export folder."""
+    roles = checkpoint_roles(cfg)
+    resume_from = find_resume_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint, roles)
     rt = build_runtime(cfg)
     acc = rt.accelerator
     if cfg.training.log_validation:
@@ -74,12 +74,9 @@ def train(cfg: RunConfig) -> Path:
         )
     start_trackers(cfg, rt)
     ckpt = CheckpointManager(
-        acc,
-        cfg.training.output_dir,
-        roles=checkpoint_roles(rt.bundle),
-        total_limit=cfg.training.checkpoints_total_limit,
+        acc, cfg.training.output_dir, roles=roles, total_limit=cfg.training.checkpoints_total_limit
     )
-    state = resume(cfg, rt, ckpt)
+    state = resume(rt, ckpt, resume_from)
 
     def save(s: TrainerState) -> None:
         ckpt.save(s.iteration, asdict(s), {"data": rt.stream.state_dict(), "method": rt.method.state_dict()})

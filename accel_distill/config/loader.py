@@ -24,14 +24,29 @@ from accel_distill.config.validate import build, check_path, check_range, coerce
 from accel_distill.errors import ConfigError
 
 
+class StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key repeated in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     """The YAML mapping in ``path`` or a one-line ConfigError naming the file (and line)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: cannot read config file (not UTF-8 text: byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -134,7 +149,9 @@ def validate_roles(cfg: RunConfig, method_cls: type) -> None:
 def _check_scheduler_name(source: str, key: str, name: str | None) -> None:
     from diffusers.optimization import SchedulerType
 
-    valid = [s.value for s in SchedulerType]
+    valid = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
+    if name == "piecewise_constant":  # needs step_rules, which no config key supplies
+        fail(source, key, "lr scheduler 'piecewise_constant' is not supported (it needs step_rules)")
     if name is not None and name not in valid:
         fail(source, key, f"unknown lr scheduler {name!r}" + suggest(name, valid))
 

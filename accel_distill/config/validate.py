@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -71,8 +72,10 @@ def _number(tp: type, value: Any, key: str, source: str) -> Any:
             fail(source, key, f"expected {tp.__name__}, got {value!r}")
     if not isinstance(value, (int, float)):
         fail(source, key, f"expected {tp.__name__}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(source, key, f"expected a finite {tp.__name__}, got {value!r}")
     if tp is int:
-        if float(value) != int(value):
+        if isinstance(value, float) and not value.is_integer():
             fail(source, key, f"expected an integer, got {value!r}")
         return int(value)
     return float(value)

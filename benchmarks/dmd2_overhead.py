@@ -1,0 +1,314 @@
+"""Framework overhead of one DMD2 iteration: T_iter / T_parts.
+
+T_iter is the wall time of a full ``Trainer.step()`` on a real runtime (config
+file -> ``load_config`` -> ``build_runtime``): next batch from the parquet
+stream, host->device move, ``DMD2Method.train_step`` through the adapter, one
+backward, grad clipping through accelerate, the non-finite guard, the AdamW +
+LR-scheduler steps and ``zero_grad``.
+
+T_parts is the sum of the median times of the unavoidable pieces of that same
+iteration, each run alone, straight on the same ``torch.nn.Module`` objects with
+inputs of the same shapes (no adapter, no method, no trainer, no accelerate):
+
+* student-update iteration: ``k`` student no-grad forwards (simulate-mode rollout
+  to exit index ``k``; 0 in data mode), student forward + backward, critic
+  no-grad forward, teacher CFG no-grad forward of batch 2B (cond and negative
+  halves in one call), critic forward + backward, then for student and critic
+  each ``clip_grad_norm_`` + ``AdamW.step`` + ``zero_grad``;
+* critic-only iteration: ``k + 1`` student no-grad forwards (rollout + the
+  graded step without grad), critic forward + backward, critic clip + AdamW.
+
+The optimizer steps and clipping are counted as parts (they are required work)
+and are also shown on their own line of the breakdown. ``k`` is the exit index
+the iteration really drew (predicted from a copy of the method's shared
+generator and checked afterwards), so each iteration is compared with parts of
+exactly its own work: ratio = median over iterations of T_iter_i / T_parts_i.
+
+Measurements interleave: each trainer iteration is immediately followed by its
+parts, and the rollout modes alternate in blocks, so machine noise hits both
+sides alike. Run from the repository root:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/dmd2_overhead.py --size tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    SIZES,
+    TEXT_DIM,
+    TEXT_MAX_LENGTH,
+    build_models_and_data,
+    build_trainer,
+    dmd2_config,
+    md_table,
+    median,
+    timed,
+)
+
+STEPS = (1000.0, 757.0, 522.0)  # tests' 3-step schedule: simulate exit index k in {0, 1, 2}
+INTERVAL = 2  # student update on even iterations, critic-only on odd ones
+
+PART_NAMES = {
+    "student_nograd": "student fwd, no grad (B)",
+    "student_fwd_bwd": "student fwd+bwd (B)",
+    "critic_nograd": "critic fwd, no grad (B)",
+    "teacher_cfg": "teacher CFG fwd, no grad (2B)",
+    "critic_fwd_bwd": "critic fwd+bwd (B)",
+    "opt_student": "student clip + AdamW + zero_grad",
+    "opt_critic": "critic clip + AdamW + zero_grad",
+}
+
+
+def part_counts(kind: str, k: int) -> dict[str, int]:
+    if kind == "student":
+        return {
+            "student_nograd": k,
+            "student_fwd_bwd": 1,
+            "critic_nograd": 1,
+            "teacher_cfg": 1,
+            "critic_fwd_bwd": 1,
+            "opt_student": 1,
+            "opt_critic": 1,
+        }
+    return {"student_nograd": k + 1, "critic_fwd_bwd": 1, "opt_critic": 1}
+
+
+class Parts:
+    """The model passes of a DMD2 iteration, run alone on the runtime's own modules."""
+
+    def __init__(self, rt, latent_shape: tuple[int, ...], batch_size: int):
+        self.acc, self.device = rt.accelerator, rt.method.device
+        self.roles = {r: rt.bundle[r] for r in ("student", "teacher", "critic")}
+        gen = torch.Generator().manual_seed(0)
+        b = batch_size
+        self.x = torch.randn((b, *latent_shape), generator=gen).to(self.device)
+        self.t = torch.full((b,), 500.0, device=self.device)
+        self.cond = torch.randn((b, TEXT_MAX_LENGTH, TEXT_DIM), generator=gen).to(self.device)
+        neg = torch.randn((b, TEXT_MAX_LENGTH, TEXT_DIM), generator=gen).to(self.device)
+        self.x2, self.t2, self.cond2 = torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), torch.cat([self.cond, neg])
+
+    def _forward(self, role: str, x, t, cond) -> torch.Tensor:
+        h = self.roles[role]
+        with self.acc.autocast():
+            return h.transformer(
+                hidden_states=x.to(h.dtype), timestep=t, encoder_hidden_states=cond.to(h.dtype), return_dict=False
+            )[0]
+
+    def _nograd(self, role: str, x, t, cond) -> None:
+        with torch.no_grad():
+            self._forward(role, x, t, cond)
+
+    def _fwd_bwd(self, role: str) -> None:
+        self._forward(role, self.x, self.t, self.cond).float().square().mean().backward()
+
+    def _opt(self, role: str) -> None:
+        h = self.roles[role]
+        opt = getattr(h.optimizer, "optimizer", h.optimizer)  # the torch AdamW under accelerate's wrapper
+        limit = h.max_grad_norm if h.max_grad_norm is not None else math.inf
+        torch.nn.utils.clip_grad_norm_(list(h.transformer.parameters()), limit)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fn(self, name: str):
+        return {
+            "student_nograd": lambda: self._nograd("student", self.x, self.t, self.cond),
+            "student_fwd_bwd": lambda: self._fwd_bwd("student"),
+            "critic_nograd": lambda: self._nograd("critic", self.x, self.t, self.cond),
+            "teacher_cfg": lambda: self._nograd("teacher", self.x2, self.t2, self.cond2),
+            "critic_fwd_bwd": lambda: self._fwd_bwd("critic"),
+            "opt_student": lambda: self._opt("student"),
+            "opt_critic": lambda: self._opt("critic"),
+        }[name]
+
+    def run(self, kind: str, k: int) -> dict[str, list[float]]:
+        """Time every part of one iteration of ``kind``, in the order the iteration runs them."""
+        out: dict[str, list[float]] = defaultdict(list)
+        for name, count in part_counts(kind, k).items():
+            for _ in range(count):
+                out[name].append(timed(self.fn(name), self.device))
+        return out
+
+
+class Bench:
+    """One rollout mode: a runtime, its trainer, its parts and the samples collected so far."""
+
+    def __init__(self, mode: str, root: Path, models: tuple[Path, Path, Path], size: str, prefetch: int):
+        student, teacher, data = models
+        shape, bs = SIZES[size]["latent_shape"], SIZES[size]["batch_size"]
+        cfg = dmd2_config(
+            student,
+            teacher,
+            data,
+            root / f"out-{mode}",
+            batch_size=bs,
+            rollout_mode=mode,
+            steps=STEPS,
+            interval=INTERVAL,
+            prefetch=prefetch,
+        )
+        self.mode = mode
+        self.rt, self.trainer = build_trainer(cfg, root / f"{mode}.yaml")
+        self.method = self.rt.method
+        self.parts = Parts(self.rt, shape, bs)
+        # per iteration kind: [(T_iter, k, repeat, T_parts of its own parts)], and part name -> times
+        self.iters: dict[str, list[tuple[float, int, int, float]]] = defaultdict(list)
+        self.part_times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def _exit_index(self) -> tuple[int, torch.Generator | None]:
+        """The exit index the next simulate rollout will draw (from a copy of the shared generator)."""
+        if self.mode != "simulate":
+            return 0, None
+        m = self.method
+        gen = torch.Generator(m.shared_gen.device)
+        gen.set_state(m.shared_gen.get_state())
+        k = int(torch.randint(len(m.timesteps), (1,), generator=gen, device=m.device))
+        return k, gen
+
+    def one(self, repeat: int | None, parts_first: bool = False) -> None:
+        """One trainer iteration and, right before or after it, its parts; recorded unless warm-up."""
+        kind = "student" if self.method.updates_student(self.trainer.state.iteration) else "critic"
+        k, gen = self._exit_index()
+        if parts_first:
+            parts = self.parts.run(kind, k)
+        t_iter = timed(self.trainer.step, self.method.device)
+        if gen is not None and not torch.equal(gen.get_state(), self.method.shared_gen.get_state()):
+            raise RuntimeError("the iteration drew from the shared generator differently than predicted")
+        if not parts_first:
+            parts = self.parts.run(kind, k)
+        if repeat is None:
+            return
+        self.iters[kind].append((t_iter, k, repeat, sum(sum(ts) for ts in parts.values())))
+        for name, times in parts.items():
+            self.part_times[kind][name] += times
+
+    def summary(self, kind: str) -> dict:
+        meds = {n: median(ts) for n, ts in self.part_times[kind].items()}
+        t_iter, t_parts, paired, pooled, by_repeat = [], [], [], [], defaultdict(list)
+        for ti, k, rep, own in self.iters[kind]:
+            # pooled: this iteration's part counts x the medians over all runs of each part
+            tp = sum(c * meds[n] for n, c in part_counts(kind, k).items() if c)
+            t_iter.append(ti)
+            t_parts.append(own)
+            paired.append(ti / own)
+            pooled.append(ti / tp)
+            by_repeat[rep].append(ti / own)
+        opt = sum(meds.get(n, 0.0) for n in ("opt_student", "opt_critic") if n in part_counts(kind, 0))
+        rep_ratios = [median(r) for r in by_repeat.values()]
+        return {
+            "n": len(t_iter),
+            "mean_k": sum(it[1] for it in self.iters[kind]) / max(1, len(t_iter)),
+            "t_iter": median(t_iter),
+            "t_parts": median(t_parts),
+            "opt": opt,
+            "ratio": median(paired),
+            "pooled": median(pooled),
+            "rep_min": min(rep_ratios),
+            "rep_max": max(rep_ratios),
+            "meds": meds,
+        }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--iters", type=int, default=None, help="trainer iterations per mode per repeat (even)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (blocks per mode)")
+    p.add_argument("--warmup", type=int, default=4, help="unrecorded iterations (+ parts) per mode first")
+    p.add_argument("--modes", default="data,simulate", help="rollout modes, comma-separated")
+    p.add_argument("--prefetch", type=int, default=2, help="training.dataloader_num_workers (prefetch depth)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
+    repeats = a.repeats if a.repeats is not None else {"tiny": 10, "20m": 3}[a.size]
+    if iters < 2 or iters % 2:
+        p.error("--iters must be even (student-update and critic-only iterations alternate)")
+    torch.set_num_threads(a.threads)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+
+    with tempfile.TemporaryDirectory(prefix="dmd2-overhead-") as tmp:
+        root = Path(tmp)
+        models = build_models_and_data(root, a.size)
+        benches = [Bench(m, root, models, a.size, a.prefetch) for m in modes]
+        for b in benches:
+            for _ in range(a.warmup):
+                b.one(None)
+        for rep in range(repeats):
+            for b in benches:
+                for i in range(iters):
+                    b.one(rep, parts_first=(i // 2) % 2 == 1)  # ABBA per iteration kind against drift
+
+        dev = benches[0].method.device
+        shape = SIZES[a.size]["latent_shape"]
+        print(
+            f"\n## DMD2 iteration overhead: size={a.size}, latent {list(shape)}, batch {SIZES[a.size]['batch_size']}, "
+            f"device {dev}, {torch.get_num_threads()} threads, {repeats} repeats x {iters} iterations per mode, "
+            f"student every {INTERVAL}, {len(STEPS)}-step schedule\n"
+        )
+        rows, finals = [], []
+        for b in benches:
+            for kind, label in (("student", "student update"), ("critic", "critic only")):
+                s = b.summary(kind)
+                k = f", mean k={s['mean_k']:.2f}" if b.mode == "simulate" else ""
+                rows.append(
+                    [
+                        b.mode,
+                        f"{label}{k}",
+                        s["n"],
+                        f"{1e3 * s['t_iter']:.2f}",
+                        f"{1e3 * s['t_parts']:.2f}",
+                        f"{1e3 * s['opt']:.2f}",
+                        f"**{s['ratio']:.3f}**",
+                        f"{s['rep_min']:.3f}-{s['rep_max']:.3f}",
+                        f"{s['pooled']:.3f}",
+                    ]
+                )
+                finals.append(f"{b.mode}/{label.replace(' ', '-')}={s['ratio']:.3f}")
+        print(
+            md_table(
+                [
+                    "rollout",
+                    "iteration",
+                    "n",
+                    "T_iter ms (median)",
+                    "T_parts ms (median)",
+                    "of which clip+AdamW ms",
+                    "ratio (paired)",
+                    "per-repeat range",
+                    "ratio (pooled medians)",
+                ],
+                rows,
+            )
+        )
+        print("\nParts (median ms per call, each run alone):\n")
+        part_rows = []
+        for b in benches:
+            for kind in ("student", "critic"):
+                meds = b.summary(kind)["meds"]
+                for name, label in PART_NAMES.items():
+                    if name in meds:
+                        part_rows.append([b.mode, kind, label, f"{1e3 * meds[name]:.3f}"])
+        print(md_table(["rollout", "iteration", "part", "ms"], part_rows))
+        print(
+            "\nratio (paired) = median over iterations i of T_iter_i / T_parts_i, T_parts_i = the summed times of "
+            "iteration i's own parts, run right before or after it (alternating). ratio (pooled medians) = median_i "
+            "T_iter_i / sum over parts of (calls in iteration i) x (median of that part over the whole run). "
+            "clip + AdamW + zero_grad are counted as parts in both."
+        )
+        worst = max(float(f.split("=")[1]) for f in finals)
+        print(
+            f"\nRESULT dmd2_overhead size={a.size}: T_iter/T_parts "
+            + " ".join(finals)
+            + f" (worst {worst:.3f}, target <= 1.05: {'PASS' if worst <= 1.05 else 'FAIL'})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""End to end through ``train_distill.py`` in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, base_config, run_cli, write_config
+from safetensors.torch import load_file
+
+from accel_distill.sampling import few_step_sample
+from accel_distill.schedule import fit_few_step_schedule
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def exported_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_finetune_trains_checkpoints_and_exports(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    out = tmp_path / "out"
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, out)
+    cfg["method_config"] = {"timestep_sampling": "logit_normal", "pred_type": "x0", "cfg_dropout_rate": 0.5}
+    proc = run_cli("--config", str(write_config(tmp_path / "ft.yaml", cfg)), "training.checkpoints_total_limit=1")
+    assert_ok(proc)
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert all("flow_loss" in r and "grad_norm/student" in r for r in rows)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]  # rotation
+    # a many-step student keeps its source scheduler and the untouched components
+    index = json.loads((out / "export" / "model_index.json").read_text())
+    assert index["scheduler"] == json.loads((tiny_wan / "model_index.json").read_text())["scheduler"]
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for f in (tiny_wan / part).iterdir():
+            assert (out / "export" / part / f.name).read_bytes() == f.read_bytes()
+    trained, base = exported_weights(out), load_file(tiny_wan / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_finetune_through_accelerate_launch(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    out = tmp_path / "out"
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, out)
+    cfg["training"]["max_train_steps"] = 2
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]
+    proc = subprocess.run(
+        [*launch, str(ROOT / "train_distill.py"), "--config", str(write_config(tmp_path / "ft.yaml", cfg))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert_ok(proc)
+    assert (out / "export" / "transformer").is_dir()
+
+
+STOCK_SAMPLER = textwrap.dedent(
+    """
+    import sys, torch
+    from diffusers import WanPipeline
+    folder, embeds, result = sys.argv[1:4]
+    pipe = WanPipeline.from_pretrained(folder)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+    torch.manual_seed(123)
+    latents = pipe(
+        prompt_embeds=torch.load(embeds), num_inference_steps=3, guidance_scale=1.0, height=32, width=32,
+        num_frames=5, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert not any(m.startswith("accel_distill") for m in sys.modules)
+    torch.save({"latents": latents, "timesteps": seen, "scheduler": type(pipe.scheduler).__name__}, result)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["data", "simulate"])
+def test_dmd2_trains_and_stock_diffusers_samples_the_export(
+    mode, tmp_path, tiny_wan, tiny_teacher, latent_data, text_data
+):
+    out = tmp_path / "out"
+    cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data if mode == "data" else text_data, out)
+    cfg["method_config"]["rollout_mode"] = mode
+    if mode == "simulate":  # text-only data: the video size comes from the config
+        cfg["pipeline_config"].update(num_frames=5, height=32, width=32)
+    assert_ok(run_cli("--config", str(write_config(tmp_path / "dmd2.yaml", cfg))))
+
+    rows = metrics(out)
+    assert ["dmd_loss" in r for r in rows] == [True, False, True, False]  # interval 2
+    assert all(r["skipped_steps"] == 0 for r in rows)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    roles = json.loads((out / "checkpoints" / "checkpoint-4" / "roles.json").read_text())
+    assert roles["models"] == ["student", "critic"]  # the frozen teacher is never saved
+    # the export holds exactly the trained student (accelerate's first saved model)
+    student = load_file(out / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    exported = exported_weights(out)
+    assert student.keys() == exported.keys() and all(torch.equal(student[k], exported[k]) for k in student)
+
+    embeds = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(5))
+    torch.save(embeds, tmp_path / "embeds.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_SAMPLER, str(out / "export"), str(tmp_path / "embeds.pt"), str(tmp_path / "r.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert_ok(proc)
+    stock = torch.load(tmp_path / "r.pt")
+    schedule = fit_few_step_schedule([1000, 757, 522])
+    assert stock["scheduler"] == "FlowMatchLCMScheduler"
+    assert stock["timesteps"] == list(schedule.timesteps)  # exactly what the student trained on
+
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(out / "export", subfolder="transformer")
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    with torch.no_grad():
+        ours = few_step_sample(
+            lambda x, t: model(hidden_states=x, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0],
+            schedule,
+            noise,
+        )
+    assert torch.equal(ours, stock["latents"])
