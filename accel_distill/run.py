@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from accel_distill.builder import Runtime, build_runtime, checkpoint_roles
-from accel_distill.checkpoint import CheckpointManager, find_resume_checkpoint
+from accel_distill.checkpoint import CheckpointManager, completed_checkpoints, find_resume_checkpoint
 from accel_distill.config import RunConfig, resolved_dict
 from accel_distill.export import export_student
 from accel_distill.trainer import Trainer, TrainerState
@@ -77,6 +77,12 @@ def train(cfg: RunConfig) -> Path:
         acc, cfg.training.output_dir, roles=roles, total_limit=cfg.training.checkpoints_total_limit
     )
     state = resume(rt, ckpt, resume_from)
+    if resume_from is None and completed_checkpoints(ckpt.root):
+        logger.warning(
+            f"{ckpt.root} holds checkpoints from an earlier run; starting from scratch "
+            "(set training.resume_from_checkpoint: latest to continue it)",
+            main_process_only=True,
+        )
 
     def save(s: TrainerState) -> None:
         ckpt.save(s.iteration, asdict(s), {"data": rt.stream.state_dict(), "method": rt.method.state_dict()})

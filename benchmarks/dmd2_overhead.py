@@ -93,7 +93,11 @@ class Parts:
         self.t = torch.full((b,), 500.0, device=self.device)
         self.cond = torch.randn((b, TEXT_MAX_LENGTH, TEXT_DIM), generator=gen).to(self.device)
         neg = torch.randn((b, TEXT_MAX_LENGTH, TEXT_DIM), generator=gen).to(self.device)
-        self.x2, self.t2, self.cond2 = torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), torch.cat([self.cond, neg])
+        self.x2, self.t2, self.cond2 = (
+            torch.cat([self.x, self.x]),
+            torch.cat([self.t, self.t]),
+            torch.cat([self.cond, neg]),
+        )
 
     def _forward(self, role: str, x, t, cond) -> torch.Tensor:
         h = self.roles[role]

@@ -755,3 +755,25 @@ def test_duplicate_key_is_an_error_not_a_silent_overwrite(tmp_path, capsys):
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 4" in err[0] and "duplicate key 'method'" in err[0]
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")))
+def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch):
+    """Every config in configs/ passes strict validation (data path pointed at a real folder;
+    the demo's relative paths resolved against freshly built demo assets)."""
+    from accel_distill.demo import build_assets
+
+    monkeypatch.chdir(tmp_path)
+    if "demo" in config:
+        build_assets()
+    (tmp_path / "data").mkdir()
+    assert main(["--config", config, "--dry-run", f"training.data_path={tmp_path / 'data'}"]) == 0, (
+        capsys.readouterr().err
+    )
+
+
+def test_fp16_with_two_trainable_roles_is_refused(tmp_path, tiny_wan, tiny_teacher, latent_data, capsys):
+    cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
+    cfg["training"]["mixed_precision"] = "fp16"
+    assert main(["--config", str(write_config(tmp_path / "run.yaml", cfg))]) == 2
+    assert "training.mixed_precision" in capsys.readouterr().err

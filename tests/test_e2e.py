@@ -138,3 +138,31 @@ def test_dmd2_trains_and_stock_diffusers_samples_the_export(
             noise,
         )
     assert torch.equal(ours, stock["latents"])
+
+
+def _broken_data(kind: str, path: Path) -> Path:
+    import pyarrow.parquet as pq
+
+    from accel_distill.testing.datasets import write_synthetic_dataset
+
+    if kind == "channels":
+        return write_synthetic_dataset(path, latent_shape=(8, 2, 4, 4))
+    write_synthetic_dataset(path)
+    table = pq.read_table(path)
+    table = table.drop(["vae_latent_shape"]) if kind == "missing_column" else table.slice(0, 0)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [("missing_column", "vae_latent_shape"), ("channels", "channels"), ("empty", "0 rows")],
+)
+def test_bad_data_is_one_clear_line_naming_the_file(kind, words, tmp_path, tiny_wan, tiny_teacher):
+    data = _broken_data(kind, tmp_path / "bad.parquet")
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, data, tmp_path / "out")
+    proc = run_cli("--config", str(write_config(tmp_path / "run.yaml", cfg)))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(data) in errors[0] and words in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -181,6 +181,14 @@ def validate_training(cfg: RunConfig) -> None:
         check_range(src, f"training.betas[{i}]", beta, 0.0, 0.999999)
     _check_scheduler_name(src, "training.lr_scheduler", t.lr_scheduler)
     check_path(src, "training.data_path", t.data_path)
+    trainable = [r for r, rc in cfg.roles.items() if rc.trainable]
+    if t.mixed_precision == "fp16" and len(trainable) > 1:
+        fail(
+            src,
+            "training.mixed_precision",
+            f"fp16 with several trainable roles ({', '.join(trainable)}) is not supported: accelerate shares one "
+            "gradient scaler across their optimizers; use bf16",
+        )
     if t.resume_from_checkpoint not in (None, "latest"):
         check_path(src, "training.resume_from_checkpoint", t.resume_from_checkpoint)
     if t.log_validation:

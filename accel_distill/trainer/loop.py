@@ -65,7 +65,14 @@ class Trainer:
         # Every logged step also lands here as one JSON line (main process), whatever the trackers.
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         if self.metrics_file is not None and self.acc.is_main_process:
-            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Keep only lines up to the iteration we start from: a resumed run continues the log."""
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.metrics_file.read_text().splitlines() if self.metrics_file.exists() else []
+        kept = [line for line in lines if json.loads(line)["iteration"] <= self.state.iteration]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     # --- pieces -------------------------------------------------------------------------
     def _no_sync(self, sync: bool) -> contextlib.ExitStack:
