@@ -109,14 +109,11 @@ def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Ten
     else:
         cache = Path(cfg.training.output_dir) / "negative_prompt_embeds.safetensors"
         path, key = str(cache), "pipeline_config.negative_prompt"
-        if acc.is_main_process and not _cache_matches(cache, p.negative_prompt, p.text_max_length):
-            emb = family.encode_prompt(cfg.roles["student"].path, p.negative_prompt, p.text_max_length, acc.device)
+        meta = {"prompt": p.negative_prompt, "max_length": str(p.text_max_length), "source": cfg.roles["student"].path}
+        if acc.is_main_process and not _cache_matches(cache, meta):
+            emb = family.encode_prompt(meta["source"], p.negative_prompt, p.text_max_length, acc.device)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {"negative_prompt_embeds": emb.contiguous()},
-                str(cache),
-                metadata={"prompt": p.negative_prompt, "max_length": str(p.text_max_length)},
-            )
+            save_file({"negative_prompt_embeds": emb.contiguous()}, str(cache), metadata=meta)
         acc.wait_for_everyone()  # one process encodes; the others read the file
         emb = load_file(str(cache))["negative_prompt_embeds"]
     if emb.dim() == 3 and emb.shape[0] == 1:
@@ -128,14 +125,14 @@ def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Ten
     return torch.nn.functional.pad(emb, (0, 0, 0, p.text_max_length - emb.shape[0]))
 
 
-def _cache_matches(path: Path, prompt: str, max_length: int) -> bool:
+def _cache_matches(path: Path, meta: dict[str, str]) -> bool:
+    """Whether the cached embedding was encoded from the same prompt, length and text encoder."""
     from safetensors import safe_open
 
     if not path.exists():
         return False
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return meta.get("prompt") == prompt and meta.get("max_length") == str(max_length)
+        return (f.metadata() or {}) == meta
 
 
 def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMatchAdapter, acc: Accelerator):

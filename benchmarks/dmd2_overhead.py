@@ -195,13 +195,14 @@ class Bench:
 
     def summary(self, kind: str) -> dict:
         meds = {n: median(ts) for n, ts in self.part_times[kind].items()}
-        t_iter, t_parts, paired, pooled, by_repeat = [], [], [], [], defaultdict(list)
+        t_iter, t_parts, paired, pooled, extra, by_repeat = [], [], [], [], [], defaultdict(list)
         for ti, k, rep, own in self.iters[kind]:
             # pooled: this iteration's part counts x the medians over all runs of each part
             tp = sum(c * meds[n] for n, c in part_counts(kind, k).items() if c)
             t_iter.append(ti)
             t_parts.append(own)
             paired.append(ti / own)
+            extra.append(ti - own)
             pooled.append(ti / tp)
             by_repeat[rep].append(ti / own)
         opt = sum(meds.get(n, 0.0) for n in ("opt_student", "opt_critic") if n in part_counts(kind, 0))
@@ -213,11 +214,66 @@ class Bench:
             "t_parts": median(t_parts),
             "opt": opt,
             "ratio": median(paired),
+            "extra": median(extra),
             "pooled": median(pooled),
             "rep_min": min(rep_ratios),
             "rep_max": max(rep_ratios),
             "meds": meds,
         }
+
+
+class Pieces:
+    """Framework pieces of ``Trainer.step`` against their plain-torch equivalents, alternating A/B order.
+
+    Not part of the ratio: this says where T_iter - T_parts goes. Uses the critic role
+    (grads from one forward + backward) and the trainer's own data iterator.
+    """
+
+    def __init__(self, bench: Bench):
+        from accel_distill.trainer.loop import move_to
+
+        rt, trainer = bench.rt, bench.trainer
+        acc, h = rt.accelerator, rt.bundle["critic"]
+        params = list(h.transformer.parameters())
+        limit = h.max_grad_norm if h.max_grad_norm is not None else math.inf
+        raw_opt = getattr(h.optimizer, "optimizer", h.optimizer)
+        self.bench, self.device = bench, rt.method.device
+        metrics = [torch.tensor(float(i), device=self.device) for i in range(5)]  # a student iteration logs 5
+        self.pairs: dict[str, tuple] = {
+            "clip_grad_norm_ (accelerate / torch)": (
+                lambda: acc.clip_grad_norm_(params, limit),
+                lambda: torch.nn.utils.clip_grad_norm_(params, limit),
+            ),
+            "AdamW step (AcceleratedOptimizer / torch)": (h.optimizer.step, raw_opt.step),
+            "LR scheduler step (LambdaLR / none)": (h.lr_scheduler.step, lambda: None),
+            "next batch + move_to (LatentStream / none)": (
+                lambda: move_to(next(trainer.batches), acc.device),
+                lambda: None,
+            ),
+        }
+        if hasattr(trainer, "_all_finite"):
+            self.pairs["non-finite guard, 5 metrics (Trainer._all_finite / one stacked check)"] = (
+                lambda: trainer._all_finite(metrics),
+                lambda: bool(torch.isfinite(torch.stack(metrics)).all().item()),
+            )
+        self.times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in self.pairs}
+        self.n = 0
+
+    def run(self) -> None:
+        self.bench.parts.fn("critic_fwd_bwd")()  # gradients for clip / step
+        first = self.n % 2  # alternate which side goes first
+        for name, fns in self.pairs.items():
+            for side in (first, 1 - first):
+                self.times[name][side].append(timed(fns[side], self.device))
+        self.bench.rt.bundle["critic"].optimizer.zero_grad(set_to_none=True)
+        self.n += 1
+
+    def rows(self) -> list[list[str]]:
+        out = []
+        for name, (a, b) in self.times.items():
+            ma, mb = median(a), median(b)
+            out.append([name, f"{1e6 * ma:.0f}", f"{1e6 * mb:.0f}", f"{1e6 * (ma - mb):+.0f}"])
+        return out
 
 
 def main() -> None:
@@ -229,6 +285,7 @@ def main() -> None:
     p.add_argument("--modes", default="data,simulate", help="rollout modes, comma-separated")
     p.add_argument("--prefetch", type=int, default=2, help="training.dataloader_num_workers (prefetch depth)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pieces", type=int, default=4, help="framework-piece A/B samples per repeat (0: skip)")
     a = p.parse_args()
     iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
     repeats = a.repeats if a.repeats is not None else {"tiny": 10, "20m": 3}[a.size]
@@ -244,10 +301,14 @@ def main() -> None:
         for b in benches:
             for _ in range(a.warmup):
                 b.one(None)
+        pieces = Pieces(benches[0]) if a.pieces else None
         for rep in range(repeats):
             for b in benches:
                 for i in range(iters):
                     b.one(rep, parts_first=(i // 2) % 2 == 1)  # ABBA per iteration kind against drift
+            if pieces is not None:
+                for _ in range(a.pieces):
+                    pieces.run()
 
         dev = benches[0].method.device
         shape = SIZES[a.size]["latent_shape"]
@@ -269,6 +330,7 @@ def main() -> None:
                         f"{1e3 * s['t_iter']:.2f}",
                         f"{1e3 * s['t_parts']:.2f}",
                         f"{1e3 * s['opt']:.2f}",
+                        f"{1e3 * s['extra']:.2f}",
                         f"**{s['ratio']:.3f}**",
                         f"{s['rep_min']:.3f}-{s['rep_max']:.3f}",
                         f"{s['pooled']:.3f}",
@@ -284,6 +346,7 @@ def main() -> None:
                     "T_iter ms (median)",
                     "T_parts ms (median)",
                     "of which clip+AdamW ms",
+                    "overhead ms (median T_iter_i - T_parts_i)",
                     "ratio (paired)",
                     "per-repeat range",
                     "ratio (pooled medians)",
@@ -306,6 +369,9 @@ def main() -> None:
             "T_iter_i / sum over parts of (calls in iteration i) x (median of that part over the whole run). "
             "clip + AdamW + zero_grad are counted as parts in both."
         )
+        if pieces is not None:
+            print(f"\nWhere the overhead goes (median us per call over {pieces.n} alternating A/B samples):\n")
+            print(md_table(["piece (A / B)", "A us", "B us", "A - B us"], pieces.rows()))
         worst = max(float(f.split("=")[1]) for f in finals)
         print(
             f"\nRESULT dmd2_overhead size={a.size}: T_iter/T_parts "

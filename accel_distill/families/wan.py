@@ -120,7 +120,9 @@ class WanFamily(Family):
     def encode_prompt(self, source: str, prompt: str, max_length: int, device: torch.device) -> torch.Tensor:
         from diffusers import WanPipeline
 
-        pipe = WanPipeline.from_pretrained(source, transformer=None, vae=None, dtype=torch.float32)
+        # UMT5-XXL is ~11 GB in bf16: half precision on accelerators, fp32 on CPU.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe = WanPipeline.from_pretrained(source, transformer=None, vae=None, dtype=dtype)
         pipe.text_encoder.to(device)
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(
