@@ -172,7 +172,7 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     stream = make_stream(cfg, method_cls, adapter, acc)
     neg = load_negative(cfg, family, acc) if method_cls.needs_negative_conditioning(cfg) else None
     bundle = load_bundle(cfg, family, method_cls, acc)
-    method = method_cls(bundle, adapter, cfg, device=acc.device, rank=acc.process_index, neg_cond=neg)
+    method = method_cls(bundle, adapter, cfg, device=acc.device, neg_cond=neg)
     p = cfg.pipeline_config
     if None not in (p.num_frames, p.height, p.width):
         method.latent_shape = family.latent_shape(student_source, p.num_frames, p.height, p.width)

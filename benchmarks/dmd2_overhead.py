@@ -6,9 +6,9 @@ stream, host->device move, ``DMD2Method.train_step`` through the adapter, one
 backward, grad clipping through accelerate, the non-finite guard, the AdamW +
 LR-scheduler steps and ``zero_grad``.
 
-T_parts is the sum of the median times of the unavoidable pieces of that same
-iteration, each run alone, straight on the same ``torch.nn.Module`` objects with
-inputs of the same shapes (no adapter, no method, no trainer, no accelerate):
+T_parts is the time of the unavoidable pieces of that same iteration, each
+run alone, straight on the same ``torch.nn.Module`` objects with inputs of the
+same shapes (no adapter, no method, no trainer, no accelerate):
 
 * student-update iteration: ``k`` student no-grad forwards (simulate-mode rollout
   to exit index ``k``; 0 in data mode), student forward + backward, critic
@@ -18,15 +18,25 @@ inputs of the same shapes (no adapter, no method, no trainer, no accelerate):
 * critic-only iteration: ``k + 1`` student no-grad forwards (rollout + the
   graded step without grad), critic forward + backward, critic clip + AdamW.
 
-The optimizer steps and clipping are counted as parts (they are required work)
-and are also shown on their own line of the breakdown. ``k`` is the exit index
-the iteration really drew (predicted from a copy of the method's shared
-generator and checked afterwards), so each iteration is compared with parts of
-exactly its own work: ratio = median over iterations of T_iter_i / T_parts_i.
+The optimizer steps and clipping are counted as parts (they are required work;
+their share is shown in its own column). ``k`` is the exit index the iteration
+really drew (predicted from a copy of the method's shared generator, checked
+afterwards), so each iteration is compared with parts of exactly its own work.
 
-Measurements interleave: each trainer iteration is immediately followed by its
-parts, and the rollout modes alternate in blocks, so machine noise hits both
-sides alike. Run from the repository root:
+Measurements interleave: each trainer iteration is paired with its own parts,
+run right after it or (every other pair of iterations) right before it, and the
+rollout modes alternate in blocks, so machine noise and drift hit both sides
+alike. The headline is ratio (paired) = median_i T_iter_i / T_parts_i; also
+shown: the same with T_parts_i built from each part's median over the whole run
+(the "summed medians" definition), and T_iter - T_parts in ms, which does not
+shrink with model size the way the ratio does. A last table times framework
+pieces (accelerate's clip / optimizer wrappers, LR scheduler, data, non-finite
+guard) against plain-torch equivalents to show where the difference goes.
+
+Many-threaded CPU runs on a loaded machine inflate every small op (an OpenMP
+parallel region waits for a descheduled thread), which hurts the op-rich trainer
+side more than the parts; compare with ``--threads 1`` when the box is busy.
+Run from the repository root:
 
     PYTHONPATH=. .venv/bin/python benchmarks/dmd2_overhead.py --size tiny
 """
@@ -285,10 +295,11 @@ def main() -> None:
     p.add_argument("--modes", default="data,simulate", help="rollout modes, comma-separated")
     p.add_argument("--prefetch", type=int, default=2, help="training.dataloader_num_workers (prefetch depth)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pieces", type=int, default=4, help="framework-piece A/B samples per repeat (0: skip)")
+    p.add_argument("--pieces", type=int, default=None, help="framework-piece A/B samples per repeat (0: skip)")
     a = p.parse_args()
     iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
-    repeats = a.repeats if a.repeats is not None else {"tiny": 10, "20m": 3}[a.size]
+    repeats = a.repeats if a.repeats is not None else {"tiny": 12, "20m": 10}[a.size]
+    n_pieces = a.pieces if a.pieces is not None else {"tiny": 4, "20m": 1}[a.size]
     if iters < 2 or iters % 2:
         p.error("--iters must be even (student-update and critic-only iterations alternate)")
     torch.set_num_threads(a.threads)
@@ -301,13 +312,13 @@ def main() -> None:
         for b in benches:
             for _ in range(a.warmup):
                 b.one(None)
-        pieces = Pieces(benches[0]) if a.pieces else None
+        pieces = Pieces(benches[0]) if n_pieces else None
         for rep in range(repeats):
             for b in benches:
                 for i in range(iters):
                     b.one(rep, parts_first=(i // 2) % 2 == 1)  # ABBA per iteration kind against drift
             if pieces is not None:
-                for _ in range(a.pieces):
+                for _ in range(n_pieces):
                     pieces.run()
 
         dev = benches[0].method.device

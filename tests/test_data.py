@@ -161,7 +161,7 @@ def test_text_only_data_has_no_latents(tmp_path):
     write_parquet(tmp_path / "t.parquet", make_samples(4, latents=False))
     s = stream(tmp_path / "t.parquet", require_latents=False)
     batch = next(iter(s))
-    assert "latents" not in batch and set(batch) == {"text_embeds", "ids", "captions"}
+    assert "latents" not in batch and set(batch) == {"text_embeds", "ids", "captions", "sample_keys"}
     assert batch["text_embeds"].shape == (2, 8, TEXT_DIM)
 
 
@@ -394,3 +394,12 @@ def test_fewer_samples_per_rank_than_one_batch(tmp_path):
         DataError, match=f"{esc(path)}: 5 samples over 2 rank\\(s\\) leaves 2 per rank, fewer than one batch of 3"
     ):
         stream(path, batch_size=3, world_size=2)
+
+
+def test_sample_keys_name_each_sample_by_epoch_and_row(tmp_path):
+    write_parquet(tmp_path / "t.parquet", make_samples(8))
+    s = stream(tmp_path / "t.parquet", batch_size=2, world_size=2, rank=1)
+    it = iter(s)
+    keys = [next(it)["sample_keys"] for _ in range(4)]  # 2 batches per epoch on this rank
+    assert [k[:, 0].tolist() for k in keys] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert torch.cat(keys[:2])[:, 1].tolist() == s.rank_order(0).tolist()

@@ -12,6 +12,7 @@ from conftest import base_config, write_config
 from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
 from accel_distill.families.base import FlowMatchAdapter
+from accel_distill.methods.base import SampleNoise
 from accel_distill.methods.dmd2 import critic_flow_loss, dmd_gradient, dmd_pseudo_loss
 from accel_distill.roles import RoleHandle
 from accel_distill.trainer import Trainer
@@ -125,7 +126,8 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 def test_score_timesteps_lie_in_the_shifted_bounds_per_sample(runtime):
     rt = runtime(min_timestep_ratio=0.3, max_timestep_ratio=0.6)
-    t = rt.method.score_timesteps(4096)
+    keys = torch.stack([torch.zeros(4096, dtype=torch.int64), torch.arange(4096)], dim=1)
+    t = rt.method.score_timesteps(SampleNoise(0, keys, torch.device("cpu")))
     shift = rt.adapter.flow_shift
     lo, hi = (1000 * shift * r / (1 + (shift - 1) * r) for r in (0.3, 0.6))
     assert lo - 1e-3 <= t.min() and t.max() <= hi + 1e-3
@@ -183,3 +185,14 @@ def test_update_iteration_passes_and_batch_rows(runtime):
     losses, _ = rt.method.train_step(batch, 1)
     assert set(losses) == {"total_loss", "critic_loss"}
     assert math.isfinite(losses["total_loss"].item())
+
+
+def test_sample_noise_depends_on_the_sample_not_the_batch_layout():
+    keys = torch.tensor([[0, 5], [0, 9], [1, 5]])
+    whole = SampleNoise(7, keys, torch.device("cpu"))
+    halves = [SampleNoise(7, keys[:2], torch.device("cpu")), SampleNoise(7, keys[2:], torch.device("cpu"))]
+    a = (whole.randn((2, 3)), whole.rand(), whole.randint(4))
+    b = [(h.randn((2, 3)), h.rand(), h.randint(4)) for h in halves]
+    for i in range(3):
+        assert torch.equal(a[i], torch.cat([b[0][i], b[1][i]]))
+    assert not torch.equal(a[0][0], a[0][2])  # the same row in another epoch draws anew

@@ -97,7 +97,8 @@ class LatentStream:
     """Endless iterator of collated batches with an exactly resumable position.
 
     Yields ``{"latents": [B,C,T,H,W], "text_embeds": [B, text_max_length, D],
-    "ids": [...], "captions": [...]}`` with tensors in their stored dtype;
+    "ids": [...], "captions": [...], "sample_keys": [B, 2]}`` with tensors in their
+    stored dtype (``sample_keys`` is each sample's (epoch, global row));
     ``latents`` is absent for text-only data. Text embeddings are zero-padded at
     the end, as diffusers' WanPipeline pads prompt embeds. The last incomplete
     batch of an epoch is dropped; the next epoch starts fresh. Keep one live
@@ -290,7 +291,12 @@ class LatentStream:
             while True:
                 order = self.rank_order(epoch)
                 while index + bs <= len(order):
-                    batch = reader.batch(order[index : index + bs])
+                    rows = order[index : index + bs]
+                    batch = reader.batch(rows)
+                    # (epoch, global row) per sample: keys per-sample random streams downstream
+                    batch["sample_keys"] = torch.stack(
+                        [torch.full((bs,), epoch, dtype=torch.int64), torch.as_tensor(rows, dtype=torch.int64)], dim=1
+                    )
                     index += bs
                     after = (epoch, index) if index + bs <= len(order) else (epoch + 1, 0)
                     yield after, batch

@@ -27,6 +27,34 @@ def derived_seed(*parts: int) -> int:
 SHARED_STREAM, PRIVATE_STREAM = 0, 1
 
 
+class SampleNoise:
+    """Random draws per sample, from streams keyed by (seed, epoch, global row).
+
+    A sample gets the same noise whatever the batch size, accumulation or world size:
+    2 processes x batch b reproduce 1 process x batch 2b, and there is no generator
+    state to checkpoint. Draws are float32 and stacked along the batch.
+    """
+
+    def __init__(self, seed: int, sample_keys: torch.Tensor, device: torch.device):
+        self.device = device
+        self.gens = [
+            torch.Generator(device).manual_seed(derived_seed(seed, PRIVATE_STREAM, epoch, row))
+            for epoch, row in sample_keys.tolist()
+        ]
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.gens])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(tuple(x.shape[1:]))
+
+    def rand(self) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.gens])
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.gens])
+
+
 class DistillMethod(ABC):
     """Base class of training methods. Subclass, set the class attributes, register."""
 
@@ -44,7 +72,6 @@ class DistillMethod(ABC):
         cfg: RunConfig,
         *,
         device: torch.device,
-        rank: int = 0,
         neg_cond: torch.Tensor | None = None,
     ):
         bundle.require(self.required_roles, self.name)
@@ -55,11 +82,11 @@ class DistillMethod(ABC):
         self.config = cfg.method_config
         self.device = device
         self.neg_cond = None if neg_cond is None else neg_cond.to(device)
-        seed = cfg.training.seed
-        # Per-rank noise; and a stream identical on every rank for choices that change
-        # the compute graph (sharded models need the same forwards on every rank).
-        self.noise_gen = torch.Generator(device).manual_seed(derived_seed(seed, PRIVATE_STREAM, rank))
-        self.shared_gen = torch.Generator(device).manual_seed(derived_seed(seed, SHARED_STREAM))
+        self.seed = cfg.training.seed
+        # Per-sample noise comes from SampleNoise; this stream is identical on every rank,
+        # for choices that change the compute graph (sharded models need the same
+        # forwards on every rank).
+        self.shared_gen = torch.Generator(device).manual_seed(derived_seed(self.seed, SHARED_STREAM))
         # One sample's latent [C, T, H, W] for data-free rollouts; set from pipeline_config.
         self.latent_shape: tuple[int, ...] | None = None
 
@@ -140,19 +167,19 @@ class DistillMethod(ABC):
         return None
 
     def state_dict(self) -> dict:
-        return {"noise_gen": self.noise_gen.get_state(), "shared_gen": self.shared_gen.get_state()}
+        return {"shared_gen": self.shared_gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.noise_gen.set_state(state["noise_gen"])
         self.shared_gen.set_state(state["shared_gen"])
 
     # --- helpers for subclasses ---------------------------------------------------------
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.noise_gen, device=x.device, dtype=torch.float32)
+    def sample_noise(self, batch: dict) -> SampleNoise:
+        """This batch's per-sample random streams (see :class:`SampleNoise`)."""
+        return SampleNoise(self.seed, batch["sample_keys"], self.device)
 
-    def rand(self, n: int, *, shared: bool = False) -> torch.Tensor:
-        gen = self.shared_gen if shared else self.noise_gen
-        return torch.rand(n, generator=gen, device=self.device)
+    def shared_randint(self, high: int) -> int:
+        """One draw that every rank makes identically."""
+        return int(torch.randint(high, (1,), generator=self.shared_gen, device=self.device))
 
     def negative_like(self, cond: torch.Tensor) -> torch.Tensor:
         """The negative-prompt embedding broadcast to ``cond``'s batch."""

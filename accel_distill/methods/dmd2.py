@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range, fail
-from accel_distill.methods.base import DistillMethod
+from accel_distill.methods.base import DistillMethod, SampleNoise
 from accel_distill.registry import register_method
 from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
 
@@ -143,49 +143,52 @@ class DMD2Method(DistillMethod):
         return self.schedule
 
     # --- pieces -----------------------------------------------------------------------
-    def score_timesteps(self, n: int) -> torch.Tensor:
+    def score_timesteps(self, rng: SampleNoise) -> torch.Tensor:
         """Per-sample timesteps for the score / critic evaluations."""
         c = self.config
-        u = c.min_timestep_ratio + (c.max_timestep_ratio - c.min_timestep_ratio) * self.rand(n)
+        u = c.min_timestep_ratio + (c.max_timestep_ratio - c.min_timestep_ratio) * rng.rand()
         if c.shift_score_timesteps:
             return self.adapter.timesteps_from_uniform(u)
         return u * self.adapter.num_train_timesteps
 
-    def next_sample(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    def next_sample(
+        self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, rng: SampleNoise
+    ) -> torch.Tensor:
         """Move from t to t_next as the exported sampler will (sde: re-noise x0; ode: Euler)."""
         if self.sampler_kind == "ode":
             return x_t + (self.adapter.sigma(t_next, x_t) - self.adapter.sigma(t, x_t)) * v
         x0 = self.adapter.flow_to_x0(v, x_t, t)
-        return self.adapter.add_noise(x0, self.randn_like(x0), t_next)
+        return self.adapter.add_noise(x0, rng.randn_like(x0), t_next)
 
-    def rollout_start(self, batch: dict, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def rollout_start(
+        self, batch: dict, cond: torch.Tensor, rng: SampleNoise
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(x_t, t, exit index): where the student's graded step starts."""
         student, n_steps = self.bundle["student"], len(self.timesteps)
         b = cond.shape[0]
         if self.config.rollout_mode == "data":
             x0 = self.adapter.normalize_latents(batch["latents"])
-            idx = torch.randint(n_steps, (b,), generator=self.noise_gen, device=self.device)
-            t = self.timesteps[idx]
-            return self.adapter.add_noise(x0, self.randn_like(x0), t), t, -1
+            t = self.timesteps[rng.randint(n_steps)]
+            return self.adapter.add_noise(x0, rng.randn_like(x0), t), t, -1
         shape = tuple(batch["latents"].shape[1:]) if "latents" in batch else self.latent_shape
-        x = torch.randn((b, *shape), generator=self.noise_gen, device=self.device)
-        exit_idx = int(torch.randint(n_steps, (1,), generator=self.shared_gen, device=self.device))
+        x = rng.randn(shape)
+        exit_idx = self.shared_randint(n_steps)
         with torch.no_grad():  # only the steps this exit index needs, never the whole chain
             for i in range(exit_idx):
                 t, t_next = self.timesteps[i].expand(b), self.timesteps[i + 1].expand(b)
-                x = self.next_sample(x, self.adapter.predict_flow(student, x, t, cond), t, t_next)
+                x = self.next_sample(x, self.adapter.predict_flow(student, x, t, cond), t, t_next, rng)
         return x, self.timesteps[exit_idx].expand(b), exit_idx
 
-    def student_x0(self, batch: dict, cond: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, dict]:
-        x_t, t, exit_idx = self.rollout_start(batch, cond)
+    def student_x0(self, batch: dict, cond: torch.Tensor, rng: SampleNoise, *, grad: bool) -> tuple[torch.Tensor, dict]:
+        x_t, t, exit_idx = self.rollout_start(batch, cond, rng)
         with torch.set_grad_enabled(grad):
             x0 = self.adapter.predict_x0(self.bundle["student"], x_t, t, cond)
         return x0, {"student_timesteps": t, "exit_index": exit_idx}
 
-    def dmd_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def dmd_loss(self, x0: torch.Tensor, cond: torch.Tensor, rng: SampleNoise) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
-            t = self.score_timesteps(x0.shape[0])
-            x_t = self.adapter.add_noise(x0.detach(), self.randn_like(x0), t)
+            t = self.score_timesteps(rng)
+            x_t = self.adapter.add_noise(x0.detach(), rng.randn_like(x0), t)
             fake_x0 = self.adapter.predict_x0(self.bundle["critic"], x_t, t, cond)
             g = self.config.real_score_guidance_scale
             neg = self.negative_like(cond) if g != 1.0 else None
@@ -193,26 +196,26 @@ class DMD2Method(DistillMethod):
             grad = dmd_gradient(x0.detach(), fake_x0, real_x0)
         return dmd_pseudo_loss(x0, grad), {"dmd_timesteps": t, "dmd_grad_norm": grad.norm().detach()}
 
-    def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor, rng: SampleNoise) -> torch.Tensor:
         x0 = x0.detach()
-        t = self.score_timesteps(x0.shape[0])
-        noise = self.randn_like(x0)
+        t = self.score_timesteps(rng)
+        noise = rng.randn_like(x0)
         v = self.adapter.predict_flow(self.bundle["critic"], self.adapter.add_noise(x0, noise, t), t, cond)
         return critic_flow_loss(v, x0, noise)
 
     # --- the step ---------------------------------------------------------------------
     def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
-        cond = batch["text_embeds"]
+        cond, rng = batch["text_embeds"], self.sample_noise(batch)
         update_student = self.updates_student(iteration)
-        x0, outputs = self.student_x0(batch, cond, grad=update_student)
+        x0, outputs = self.student_x0(batch, cond, rng, grad=update_student)
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         if update_student:
-            dmd, extra = self.dmd_loss(x0, cond)
+            dmd, extra = self.dmd_loss(x0, cond, rng)
             outputs.update(extra)
             losses["dmd_loss"] = dmd.detach()
             total = total + dmd
-        critic = self.critic_loss(x0, cond)  # reuses this iteration's student sample
+        critic = self.critic_loss(x0, cond, rng)  # reuses this iteration's student sample
         losses["critic_loss"] = critic.detach()
         losses["total_loss"] = total + critic
         outputs["student_x0"] = x0.detach()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range
-from accel_distill.methods.base import DistillMethod
+from accel_distill.methods.base import DistillMethod, SampleNoise
 from accel_distill.registry import register_method
 
 
@@ -55,25 +55,24 @@ class FinetuneMethod(DistillMethod):
             f"{c.pred_type} loss, CFG dropout {c.cfg_dropout_rate}"
         ]
 
-    def sample_timesteps(self, n: int) -> torch.Tensor:
+    def sample_timesteps(self, noise: SampleNoise) -> torch.Tensor:
         c = self.config
         if c.timestep_sampling == "logit_normal":
-            z = torch.randn(n, generator=self.noise_gen, device=self.device)
-            u = torch.sigmoid(c.logit_mean + c.logit_std * z)
+            u = torch.sigmoid(c.logit_mean + c.logit_std * noise.randn(()))
         else:
-            u = self.rand(n)
+            u = noise.rand()
         return self.adapter.timesteps_from_uniform(u)
 
     def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
         student = self.bundle["student"]
         x0 = self.adapter.normalize_latents(batch["latents"])
         cond = batch["text_embeds"]
-        b = x0.shape[0]
+        rng = self.sample_noise(batch)
         if self.config.cfg_dropout_rate > 0:
-            drop = self.rand(b) < self.config.cfg_dropout_rate
+            drop = rng.rand() < self.config.cfg_dropout_rate
             cond = torch.where(drop.view(-1, 1, 1), self.negative_like(cond), cond)
-        t = self.sample_timesteps(b)
-        noise = self.randn_like(x0)
+        t = self.sample_timesteps(rng)
+        noise = rng.randn_like(x0)
         x_t = self.adapter.add_noise(x0, noise, t)
         v = self.adapter.predict_flow(student, x_t, t, cond)
         if self.config.pred_type == "flow":
