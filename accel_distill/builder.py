@@ -18,6 +18,7 @@ from diffusers.optimization import get_scheduler
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.data import LatentStream
+from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp
 from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
@@ -58,9 +59,16 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
 def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod], acc: Accelerator) -> ModelBundle:
     """Load every role; give trainable ones an AdamW + LR schedule and wrap them with accelerate."""
     bundle = ModelBundle()
+    fsdp = is_fsdp(acc)
+    if fsdp:
+        disable_accelerate_rank0_loading(acc)
     for name, rc in cfg.roles.items():
         dtype = role_dtype(cfg, name)
-        modules = {k: apply_trainable(m, rc.trainable) for k, m in family.load_module(name, rc, dtype).items()}
+        from_rank0 = fsdp and not rc.trainable and rc.rank0_loading
+        loaded = family.load_module(name, rc, dtype, empty=from_rank0 and not acc.is_main_process)
+        modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
+        if fsdp and not rc.trainable:  # sharded like a prepared role, but outside prepare/save_state
+            modules = {k: fsdp_shard(acc, m, from_rank0=from_rank0) for k, m in modules.items()}
         o = cfg.role_defaults(name)
         handle = RoleHandle(name, modules, rc.trainable, dtype, max_grad_norm=o["max_grad_norm"], source=rc.path)
         if rc.trainable:
@@ -82,7 +90,7 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
             module, handle.optimizer = acc.prepare(module, handle.optimizer)
             handle.modules["transformer"] = module
             acc.register_for_checkpointing(handle.lr_scheduler)
-        else:
+        elif not fsdp:  # replicated, never wrapped (DDP refuses modules without gradients)
             for m in modules.values():
                 m.to(acc.device)
         bundle.roles[name] = handle

@@ -10,6 +10,7 @@ from accelerate.logging import get_logger
 from accel_distill.builder import Runtime, build_runtime, checkpoint_roles
 from accel_distill.checkpoint import CheckpointManager, completed_checkpoints, find_resume_checkpoint
 from accel_distill.config import RunConfig, resolved_dict
+from accel_distill.distributed import gather_full_model
 from accel_distill.export import export_student
 from accel_distill.trainer import Trainer, TrainerState
 
@@ -55,8 +56,9 @@ def export(cfg: RunConfig, rt: Runtime) -> Path:
     out = Path(cfg.training.export_dir or Path(cfg.training.output_dir) / "export")
     role = rt.method.export_role()
     acc = rt.accelerator
+    full = gather_full_model(acc, role.transformer)  # collective under FSDP
     if acc.is_main_process:
-        export_student(acc.unwrap_model(role.transformer), role.source, out, rt.method.export_schedule())
+        export_student(full, role.source, out, rt.method.export_schedule())
     acc.wait_for_everyone()
     return out
 

@@ -37,6 +37,8 @@ class RoleConfig:
     # the mixed-precision dtype for frozen ones (a bf16 teacher halves its memory).
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     gradient_checkpointing: bool = False
+    # Frozen roles under FSDP: only rank 0 reads the weights, the others receive their shards.
+    rank0_loading: bool = True
     learning_rate: float | None = None
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None

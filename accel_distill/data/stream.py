@@ -3,10 +3,13 @@
 Why not ``datasets``' shuffle buffer: it cannot resume exactly and is ~3x
 slower than plain pyarrow (see FACTS.md). Instead every epoch gets a
 deterministic global order of all rows (row groups permuted, then rows
-within each group), each rank takes a contiguous slice of it, and the
-position is just ``(epoch, index into this rank's slice)``: resuming is O(1)
-and re-reads nothing. Reading goes one row group at a time, so consecutive
-rows of the order hit the same cached group.
+within each group), cut into global batches of ``batch_size x world_size``;
+rank r takes the r-th share of each. The sample sequence is therefore the same
+for any world size with the same global batch (2 ranks x b see what 1 rank x 2b
+sees), and the position is just ``(epoch, global sample index)``: resuming is
+O(1), re-reads nothing, and also works after changing the number of ranks.
+Reading goes one row group at a time; every rank reads the groups its shares
+touch, so keep row groups small (``write_parquet`` defaults to 64 rows).
 
 The stream splits by rank itself: do not let accelerate shard it again.
 """
@@ -45,7 +48,7 @@ from .schema import (
 )
 
 # Keys of state_dict() that must match on load: otherwise the saved index means different samples.
-_FINGERPRINT = ("num_samples", "world_size", "seed", "shuffle")
+_FINGERPRINT = ("num_samples", "seed", "shuffle")
 
 
 def find_parquet_files(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -101,7 +104,7 @@ class LatentStream:
     stored dtype (``sample_keys`` is each sample's (epoch, global row));
     ``latents`` is absent for text-only data. Text embeddings are zero-padded at
     the end, as diffusers' WanPipeline pads prompt embeds. The last incomplete
-    batch of an epoch is dropped; the next epoch starts fresh. Keep one live
+    global batch of an epoch is dropped; the next epoch starts fresh. Keep one live
     iterator at a time: each one advances the shared position.
     """
 
@@ -145,11 +148,11 @@ class LatentStream:
         where = self._files[0] if len(self._files) == 1 else f"{len(self._files)} files under {data_path}"
         if self.num_samples == 0:
             raise DataError(f"empty dataset: {where} holds 0 rows")
-        self._per_rank = self.num_samples // world_size
-        if self._per_rank < batch_size:
+        self.global_batch = batch_size * world_size
+        if self.num_samples < self.global_batch:
             raise DataError(
-                f"{where}: {self.num_samples} samples over {world_size} rank(s) leaves {self._per_rank} per rank, "
-                f"fewer than one batch of {batch_size}"
+                f"{where}: {self.num_samples} samples are fewer than one global batch of {batch_size} per rank x "
+                f"{world_size} rank(s)"
             )
         self._columns = [ID, CAPTION, *TEXT_COLUMNS, *(LATENT_COLUMNS if self.has_latents else ())]
         self._check_first_group()
@@ -211,13 +214,14 @@ class LatentStream:
     # -- order and position ------------------------------------------------------------
 
     @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank sees per epoch (``num_samples // world_size``)."""
-        return self._per_rank
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch, the same on every rank (the last incomplete global batch is dropped)."""
+        return self.num_samples // self.global_batch
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self._per_rank // self.batch_size
+    def samples_per_epoch(self) -> int:
+        """Samples this rank sees per epoch."""
+        return self.batches_per_epoch * self.batch_size
 
     @property
     def epoch(self) -> int:
@@ -237,9 +241,9 @@ class LatentStream:
         return np.concatenate(parts).astype(np.int64)
 
     def rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's contiguous slice of the epoch's global order."""
-        n = self._per_rank
-        return self.epoch_order(epoch)[self.rank * n : (self.rank + 1) * n]
+        """The rows this rank sees in ``epoch``: its share of every global batch, in order."""
+        order = self.epoch_order(epoch)[: self.batches_per_epoch * self.global_batch]
+        return order.reshape(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
 
     def state_dict(self) -> dict:
         """Position after the last batch the consumer received (the same on every rank)."""
@@ -286,19 +290,20 @@ class LatentStream:
     def _batches(self, epoch: int, index: int) -> Iterator[tuple[tuple[int, int], dict]]:
         """Batches from a position on, each with the position just after it."""
         reader = _Reader(self, columns=self._columns)
-        bs = self.batch_size
+        bs, gb = self.batch_size, self.global_batch
+        mine = self.rank * bs  # this rank's offset inside each global batch
         try:
             while True:
-                order = self.rank_order(epoch)
-                while index + bs <= len(order):
-                    rows = order[index : index + bs]
+                order = self.epoch_order(epoch)
+                while index + gb <= len(order):
+                    rows = order[index + mine : index + mine + bs]
                     batch = reader.batch(rows)
                     # (epoch, global row) per sample: keys per-sample random streams downstream
                     batch["sample_keys"] = torch.stack(
                         [torch.full((bs,), epoch, dtype=torch.int64), torch.as_tensor(rows, dtype=torch.int64)], dim=1
                     )
-                    index += bs
-                    after = (epoch, index) if index + bs <= len(order) else (epoch + 1, 0)
+                    index += gb
+                    after = (epoch, index) if index + gb <= len(order) else (epoch + 1, 0)
                     yield after, batch
                 epoch, index = epoch + 1, 0
         finally:

@@ -121,8 +121,10 @@ class Family(ABC):
         return None
 
     @abstractmethod
-    def load_module(self, role: str, rc: RoleConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-        """Load the role's trainable/frozen modules, e.g. ``{"transformer": ...}``."""
+    def load_module(
+        self, role: str, rc: RoleConfig, dtype: torch.dtype, *, empty: bool = False
+    ) -> dict[str, torch.nn.Module]:
+        """Load the role's modules, e.g. ``{"transformer": ...}``; ``empty``: meta weights, real buffers."""
 
     @abstractmethod
     def make_adapter(self, source: str) -> FlowMatchAdapter:

@@ -81,16 +81,22 @@ class WanFamily(Family):
                 if not os.path.isdir(os.path.join(os.path.expanduser(rc.path), rc.subfolder)):
                     fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
 
-    def load_module(self, role: str, rc: RoleConfig, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    def load_module(
+        self, role: str, rc: RoleConfig, dtype: torch.dtype, *, empty: bool = False
+    ) -> dict[str, torch.nn.Module]:
         from diffusers import WanTransformer3DModel
 
+        source = os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
         try:
-            model = WanTransformer3DModel.from_pretrained(
-                os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path,
-                subfolder=rc.subfolder,
-                revision=rc.revision,
-                dtype=dtype,
-            )
+            if empty:  # meta parameters, real buffers; weights arrive from rank 0
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(include_buffers=False):
+                    model = WanTransformer3DModel.from_config(component_config(source, rc.subfolder)).to(dtype)
+            else:
+                model = WanTransformer3DModel.from_pretrained(
+                    source, subfolder=rc.subfolder, revision=rc.revision, dtype=dtype
+                )
         except OSError as e:
             raise ConfigError(
                 f"{self.cfg.source}: roles.{role}.path: cannot load a Wan transformer from {rc.path!r} "

@@ -97,11 +97,21 @@ class Trainer:
         return sums
 
     def _clip(self, iteration: int) -> dict[str, torch.Tensor]:
-        """Clip (or just measure) the grad norm of each module whose optimizer steps now."""
+        """Clip (or just measure) the grad norm of each module whose optimizer steps now.
+
+        The norm is over the module's full parameters: DDP gradients are already
+        reduced, FSDP2 gradients are DTensors whose norm torch reduces across shards.
+        (accelerate's clip_grad_norm_ cannot tell several FSDP models apart.)
+        """
+        from torch.distributed.tensor import DTensor
+
+        self.acc.unscale_gradients()  # fp16: once, for the single trainable role fp16 allows
         norms = {}
         for name, module, max_norm in self.method.grad_clip_targets(iteration):
             limit = max_norm if max_norm is not None else math.inf
-            norms[f"grad_norm/{name}"] = self.acc.clip_grad_norm_(list(module.parameters()), limit).detach().float()
+            norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), limit)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            norms[f"grad_norm/{name}"] = norm.detach().float()
         return norms
 
     def _all_finite(self, values: list[torch.Tensor]) -> bool:

@@ -1,0 +1,57 @@
+"""TEST-ONLY: run train_distill.py with accelerate's real FSDP2 code path on CPU (gloo).
+
+accelerate drops the FSDP plugin when there is no GPU and silently runs DDP. This shim
+re-installs it after ``Accelerator`` is built (on ``PartialState`` and the accelerator's
+state, see shared/design/FACTS.md) so the project's own FSDP2 path is what the tests run.
+It must never move into library code. Optionally dumps each rank's shard sizes.
+"""
+
+import json
+import os
+import sys
+
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+import accel_distill.builder as builder
+
+_Accelerator = accelerate.Accelerator
+
+
+def fsdp_on_cpu(*args, **kwargs):
+    acc = _Accelerator(*args, **kwargs)
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    for state in (PartialState(), acc.state):
+        state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
+builder.Accelerator = fsdp_on_cpu
+
+if os.environ.get("SHARD_REPORT"):  # where to write {role: [local params, total params]} per rank
+    _build = builder.build_runtime
+
+    def build_and_report(cfg):
+        rt = _build(cfg)
+        report = {}
+        for name, role in rt.bundle.roles.items():
+            params = list(role.transformer.parameters())
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+            report[name] = [local, sum(p.numel() for p in params)]
+        path = f"{os.environ['SHARD_REPORT']}.rank{rt.accelerator.process_index}.json"
+        with open(path, "w") as f:
+            json.dump(report, f)
+        return rt
+
+    builder.build_runtime = build_and_report
+    import accel_distill.run as run
+
+    run.build_runtime = build_and_report
+
+from accel_distill.cli import main  # noqa: E402
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""Two real processes on CPU (gloo): DDP and FSDP2, save / resume / export, sharding, equivalence.
+
+FSDP runs go through ``tests/launch/fsdp_cpu.py``, a test-only shim that keeps
+accelerate's FSDP plugin on CPU so the project's own FSDP2 path is what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, base_config, run_cli, write_config
+from safetensors.torch import load_file
+
+FSDP_SHIM = str(ROOT / "tests" / "launch" / "fsdp_cpu.py")
+TRAIN = str(ROOT / "train_distill.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(accelerate_config: str, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with 2 CPU processes, as the README documents (mixed precision off on CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / accelerate_config)]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--main_process_port", str(free_port()), script, *args]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r.pop("iteration"): {k: v for k, v in r.items() if k != "step_time"} for r in rows}
+
+
+def export_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def relative_update_error(a: dict, b: dict, base: dict) -> float:
+    """|(a - base) - (b - base)| / |a - base| over all weights: 0 for identical training."""
+    diff = sum(((a[k] - b[k]).double() ** 2).sum() for k in base)
+    step = sum(((a[k] - base[k]).double() ** 2).sum() for k in base)
+    return float((diff / step).sqrt())
+
+
+@pytest.fixture(scope="module")
+def dmd2_reference(tmp_path_factory, tiny_wan, tiny_teacher, latent_data):
+    """One process, batch 4: what 2 processes x batch 2 must reproduce."""
+    tmp = tmp_path_factory.mktemp("single")
+    cfg = dmd2_config(tmp / "out", tiny_wan, tiny_teacher, latent_data, batch=4)
+    proc = run_cli("--config", str(write_config(tmp / "run.yaml", cfg)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out"
+
+
+def dmd2_config(out: Path, model: Path, teacher: Path, data: Path, *, batch: int) -> dict:
+    cfg = base_config("dmd2", model, teacher, data, out)
+    cfg["training"].update(max_train_steps=6, checkpointing_steps=3, train_batch_size=batch, shuffle=True)
+    cfg["method_config"].update(rollout_mode="simulate", generator_update_interval=2)
+    return cfg
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_dmd2_two_processes_save_resume_export_and_match_one(
+    backend, tmp_path, tiny_wan, tiny_teacher, latent_data, dmd2_reference
+):
+    accelerate_config, script = (
+        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    config = write_config(tmp_path / "run.yaml", dmd2_config(straight, tiny_wan, tiny_teacher, latent_data, batch=2))
+    report = tmp_path / "shards"
+    launch(accelerate_config, script, "--config", str(config), env={"SHARD_REPORT": str(report)})
+    ckpt = straight / "checkpoints" / "checkpoint-3"
+    launch(
+        accelerate_config,
+        script,
+        "--config",
+        str(config),
+        f"training.output_dir={resumed}",
+        f"training.resume_from_checkpoint={ckpt}",
+    )
+
+    # exact resume across 2 processes: every logged value of iterations 4..6, and the weights
+    a, b = metrics(straight), metrics(resumed)
+    assert sorted(b) == [4, 5, 6] and {i: a[i] for i in b} == b
+    wa, wb = export_weights(straight), export_weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # 2 processes x batch 2 == 1 process x batch 4 (same samples, same per-sample noise)
+    single = metrics(dmd2_reference)
+    for i in (1, 2):
+        assert a[i]["total_loss"] == pytest.approx(single[i]["total_loss"], rel=1e-5)
+    base = load_file(tiny_wan / "transformer" / "diffusion_pytorch_model.safetensors")
+    err = relative_update_error(wa, export_weights(dmd2_reference), base)
+    print(f"{backend} dmd2 relative update error vs one process: {err:.2e}")
+    assert err < 1e-3
+
+    if backend == "fsdp":  # the shim only reports FSDP runs
+        for rank in (0, 1):
+            shards = json.loads(Path(f"{report}.rank{rank}.json").read_text())
+            assert set(shards) == {"student", "teacher", "critic"}
+            for role, (local, total) in shards.items():
+                assert 0.4 < local / total < 0.6, (rank, role, local, total)  # about half, teacher included
+        assert (straight / "checkpoints" / "checkpoint-6" / "pytorch_model_fsdp_0").is_dir()  # sharded save
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_finetune_two_processes_match_one_with_double_batch(backend, tmp_path, tiny_wan, tiny_teacher, latent_data):
+    accelerate_config, script = (
+        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
+    )
+    runs = {}
+    for name, batch in (("two", 2), ("one", 4)):
+        cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, tmp_path / name)
+        cfg["training"].update(max_train_steps=3, train_batch_size=batch, gradient_accumulation_steps=2)
+        path = write_config(tmp_path / f"{name}.yaml", cfg)
+        if name == "two":
+            launch(accelerate_config, script, "--config", str(path))
+        else:
+            assert run_cli("--config", str(path)).returncode == 0
+        runs[name] = tmp_path / name
+    a, b = metrics(runs["two"]), metrics(runs["one"])
+    for i in (1, 2, 3):
+        assert a[i]["total_loss"] == pytest.approx(b[i]["total_loss"], rel=1e-5)
+    base = load_file(tiny_wan / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert relative_update_error(export_weights(runs["two"]), export_weights(runs["one"]), base) < 1e-3
+
+
+def test_num_gpus_must_match_the_launch(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
+    cfg["training"]["num_gpus"] = 8
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/ddp8.yaml"),
+    ]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--main_process_port", str(free_port()), TRAIN, "--config", str(write_config(tmp_path / "r.yaml", cfg))]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert proc.returncode != 0
+    assert "training.num_gpus: is 8 but 2 processes were launched" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
