@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
+from accel_distill.checkpoint import save_adapters_only
 from accel_distill.config.schema import RunConfig
 from accel_distill.data import LatentStream
 from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp
@@ -23,7 +24,7 @@ from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
 from accel_distill.registry import FAMILIES, METHODS
-from accel_distill.roles import DTYPES, ModelBundle, RoleHandle, apply_trainable
+from accel_distill.roles import DTYPES, ModelBundle, RoleHandle, apply_trainable, attach_lora
 
 MIXED_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,7 +34,8 @@ def role_dtype(cfg: RunConfig, role: str) -> torch.dtype:
     rc = cfg.roles[role]
     if rc.precision is not None:
         return DTYPES[rc.precision]
-    return torch.float32 if rc.trainable else MIXED_DTYPES[cfg.training.mixed_precision]
+    full_training = rc.trainable and rc.lora is None  # a LoRA base is frozen; its adapter is fp32
+    return torch.float32 if full_training else MIXED_DTYPES[cfg.training.mixed_precision]
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -66,11 +68,16 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
         dtype = role_dtype(cfg, name)
         from_rank0 = fsdp and not rc.trainable and rc.rank0_loading
         loaded = family.load_module(name, rc, dtype, empty=from_rank0 and not acc.is_main_process)
-        modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
+        if rc.lora is not None:
+            modules = {k: attach_lora(m, rc.lora) for k, m in loaded.items()}
+        else:
+            modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
         if fsdp and not rc.trainable:  # sharded like a prepared role, but outside prepare/save_state
             modules = {k: fsdp_shard(acc, m, from_rank0=from_rank0) for k, m in modules.items()}
         o = cfg.role_defaults(name)
-        handle = RoleHandle(name, modules, rc.trainable, dtype, max_grad_norm=o["max_grad_norm"], source=rc.path)
+        handle = RoleHandle(
+            name, modules, rc.trainable, dtype, max_grad_norm=o["max_grad_norm"], source=rc.path, lora=rc.lora
+        )
         if rc.trainable:
             module = modules["transformer"]
             handle.optimizer = torch.optim.AdamW(
@@ -90,6 +97,8 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
             module, handle.optimizer = acc.prepare(module, handle.optimizer)
             handle.modules["transformer"] = module
             acc.register_for_checkpointing(handle.lr_scheduler)
+            if rc.lora is not None and not fsdp:
+                save_adapters_only(acc, [module])
         elif not fsdp:  # replicated, never wrapped (DDP refuses modules without gradients)
             for m in modules.values():
                 m.to(acc.device)

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from accel_distill.errors import UserError
+from accel_distill.roles import trainable_names
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ROLES_FILE, TRAINER_FILE = "roles.json", "trainer_state.json"
@@ -60,6 +61,49 @@ def find_resume_checkpoint(output_dir: str | Path, spec: str | None, roles: dict
             "resume with the same recipe and roles"
         )
     return path
+
+
+class AdapterView(torch.nn.Module):
+    """What accelerate's loader sees of a LoRA role: only the adapter's weights, loaded strictly."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "inner", model)  # not a submodule: no duplicated state
+        self.names = trainable_names(model)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return {n: v for n, v in self.inner.state_dict().items() if n in self.names}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = self.inner.load_state_dict(state_dict, strict=False)
+        missing = [n for n in result.missing_keys if n in self.names]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"adapter checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+        return torch.nn.modules.module._IncompatibleKeys(missing, result.unexpected_keys)
+
+
+def save_adapters_only(acc: Accelerator, lora_models: list[torch.nn.Module]) -> None:
+    """LoRA roles save and restore only their adapter weights, not the frozen base every time.
+
+    (Under FSDP accelerate writes sharded checkpoints of the whole module instead.)
+    """
+    ids = {id(m) for m in lora_models}
+    if not ids:
+        return
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            if id(model) in ids and i < len(weights):
+                keep = trainable_names(model)
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            if id(model) in ids:
+                models[i] = AdapterView(model)
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
 
 
 class CheckpointManager:

@@ -116,5 +116,8 @@ def gather_full_model(acc: Accelerator, module: torch.nn.Module) -> torch.nn.Mod
     inner = acc.unwrap_model(module)
     with init_empty_weights():
         full = unwrapped_class(inner).from_config(inner.config)
-    full.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
+    if getattr(inner, "peft_config", None):  # same LoRA layout, so the adapter's keys load too
+        full.add_adapter(inner.peft_config["default"])
+    # copies: without FSDP the state dict shares storage with the live (maybe EMA-swapped) weights
+    full.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, assign=True)
     return full

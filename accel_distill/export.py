@@ -11,9 +11,11 @@ export at ``out_dir``.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,23 +115,8 @@ def _write(
     (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def export_student(
-    transformer: torch.nn.Module,
-    source: str,
-    out_dir: str | Path,
-    schedule: FewStepSchedule | None,
-    *,
-    transformer_subfolder: str = "transformer",
-) -> Path:
-    """Write a stock-diffusers pipeline folder for the student at ``out_dir`` and return it.
-
-    ``transformer`` is the trained (unwrapped) diffusers model; ``source`` the folder or
-    Hub id the student was distilled from (its subfolder ``transformer_subfolder`` is
-    replaced by the student). ``schedule`` None keeps the source's scheduler (many-step
-    students). ``out_dir`` is replaced only once the new folder is complete.
-    """
-    if not hasattr(transformer, "save_pretrained"):
-        raise TypeError(f"export_student needs a diffusers model with save_pretrained, got {type(transformer)}")
+def _publish(out_dir: str | Path, source: str, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a hidden sibling folder, then swap it in for ``out_dir``."""
     out_dir = Path(out_dir).expanduser().absolute()
     source_dir = Path(source).expanduser()
     if source_dir.is_dir() and out_dir.resolve() == source_dir.resolve():
@@ -143,7 +130,7 @@ def export_student(
     old = out_dir.with_name(f".{out_dir.name}.old-{tag}")
     try:
         tmp.mkdir()
-        _write(tmp, transformer, source, schedule, transformer_subfolder)
+        write(tmp)
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
@@ -154,3 +141,74 @@ def export_student(
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def export_student(
+    transformer: torch.nn.Module,
+    source: str,
+    out_dir: str | Path,
+    schedule: FewStepSchedule | None,
+    *,
+    transformer_subfolder: str = "transformer",
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a stock-diffusers pipeline folder for the student at ``out_dir`` and return it.
+
+    ``transformer`` is the trained (unwrapped) diffusers model; ``source`` the folder or
+    Hub id the student was distilled from (its subfolder ``transformer_subfolder`` is
+    replaced by the student). ``schedule`` None keeps the source's scheduler (many-step
+    students). ``info`` adds keys (e.g. the method) to the export info file. ``out_dir``
+    is replaced only once the new folder is complete.
+    """
+    if not hasattr(transformer, "save_pretrained"):
+        raise TypeError(f"export_student needs a diffusers model with save_pretrained, got {type(transformer)}")
+
+    def write(tmp: Path) -> None:
+        _write(tmp, transformer, source, schedule, transformer_subfolder)
+        _add_info(tmp, {"adapter": None, **(info or {})})
+
+    return _publish(out_dir, source, write)
+
+
+def export_lora(
+    transformer: torch.nn.Module,
+    source: str,
+    out_dir: str | Path,
+    schedule: FewStepSchedule | None,
+    *,
+    merged: bool = False,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Export a LoRA student: ``pytorch_lora_weights.safetensors`` the diffusers way, plus the scheduler.
+
+    ``WanPipeline.from_pretrained(base).load_lora_weights(out_dir)`` loads it; with a few-step
+    schedule, swap in ``scheduler/`` from ``out_dir`` too. ``merged`` additionally writes the
+    adapter fused into a complete pipeline folder at ``out_dir`` (loadable on its own).
+    """
+    from diffusers import WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = get_peft_model_state_dict(transformer)
+    metadata = transformer.peft_config["default"].to_dict()
+
+    def write(tmp: Path) -> None:
+        if merged:
+            fused = copy.deepcopy(transformer)
+            fused.fuse_lora()
+            fused.unload_lora()
+            _write(tmp, fused, source, schedule, "transformer")
+        else:
+            if schedule is not None:
+                schedule.make_scheduler().save_pretrained(tmp / "scheduler")
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(_export_info(schedule, source, "transformer"), indent=2))
+        WanPipeline.save_lora_weights(tmp, transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata)
+        _add_info(tmp, {"adapter": "lora", "merged": merged, **(info or {})})
+
+    return _publish(out_dir, source, write)
+
+
+def _add_info(folder: Path, extra: dict[str, Any]) -> None:
+    path = folder / EXPORT_INFO_FILE
+    info = json.loads(path.read_text())
+    info.update(extra)
+    path.write_text(json.dumps(info, indent=2) + "\n")

@@ -20,6 +20,35 @@ def apply_trainable(module: torch.nn.Module, trainable: bool) -> torch.nn.Module
     return module
 
 
+def attach_lora(module: torch.nn.Module, spec) -> torch.nn.Module:
+    """Freeze the base, add a peft LoRA adapter (diffusers ``add_adapter``), keep adapter weights in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    module.requires_grad_(False)
+    module.add_adapter(lora_config(spec))
+    cast_training_params(module, dtype=torch.float32)
+    module.train(True)
+    return module
+
+
+def lora_config(spec):
+    """The peft ``LoraConfig`` of a :class:`~accel_distill.config.schema.LoraSpec`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+        target_modules=list(spec.target_modules),
+        lora_dropout=spec.dropout,
+        init_lora_weights=True if spec.init == "default" else spec.init,
+    )
+
+
+def trainable_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that train (all of them, or a LoRA adapter's)."""
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
 @dataclass
 class RoleHandle:
     """One role's modules and, when trainable, its optimizer and LR scheduler."""
@@ -32,6 +61,7 @@ class RoleHandle:
     optimizer: torch.optim.Optimizer | None = None
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     source: str = ""
+    lora: object | None = None  # the role's LoraSpec when only an adapter trains
 
     @property
     def transformer(self) -> torch.nn.Module:

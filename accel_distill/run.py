@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from accel_distill.builder import Runtime, build_runtime, checkpoint_roles
 from accel_distill.checkpoint import CheckpointManager, completed_checkpoints, find_resume_checkpoint
 from accel_distill.config import RunConfig, resolved_dict
 from accel_distill.distributed import gather_full_model
-from accel_distill.export import export_student
-from accel_distill.trainer import Trainer, TrainerState
+from accel_distill.ema import EMACallback
+from accel_distill.export import export_lora, export_student
+from accel_distill.trainer import Callback, Trainer, TrainerState
 
 logger = get_logger(__name__)
 
@@ -40,25 +42,58 @@ def start_trackers(cfg: RunConfig, rt: Runtime) -> None:
     rt.accelerator.init_trackers(t.tracker_project_name, config=flat_config(cfg), init_kwargs=init_kwargs)
 
 
-def resume(rt: Runtime, ckpt: CheckpointManager, path: Path | None) -> TrainerState:
+def build_callbacks(cfg: RunConfig, rt: Runtime) -> list[Callback]:
+    """EMA for roles that ask for it; validation when enabled."""
+    callbacks: list[Callback] = []
+    specs = {role: rc.ema for role, rc in cfg.roles.items() if rc.ema is not None}
+    ema = EMACallback(rt.bundle, specs) if specs else None
+    if ema is not None:
+        callbacks.append(ema)
+    if cfg.training.log_validation:
+        from accel_distill.validation import ValidationCallback
+
+        callbacks.append(ValidationCallback(cfg, rt, ema))
+    return callbacks
+
+
+def find_callback(callbacks: list[Callback], kind: type) -> Callback | None:
+    return next((c for c in callbacks if isinstance(c, kind)), None)
+
+
+def resume(rt: Runtime, ckpt: CheckpointManager, path: Path | None, callbacks: list[Callback]) -> TrainerState:
     """Restore everything a checkpoint holds; a fresh state when there is nothing to resume."""
     if path is None:
         return TrainerState()
     trainer_state, rank_state = ckpt.load(path)
     rt.stream.load_state_dict(rank_state["data"])
     rt.method.load_state_dict(rank_state["method"])
+    saved = rank_state.get("callbacks", {})
+    for callback in callbacks:
+        if callback.name in saved:
+            callback.load_state_dict(saved[callback.name])
+        else:
+            logger.warning(f"{path} has no {callback.name} state; it starts fresh", main_process_only=True)
     logger.info(f"resumed from {path} at iteration {trainer_state['iteration']}", main_process_only=True)
     return TrainerState(**trainer_state)
 
 
-def export(cfg: RunConfig, rt: Runtime) -> Path:
-    """Write the student alone as a diffusers folder (every rank calls: gathering can be collective)."""
+def export(cfg: RunConfig, rt: Runtime, ema: EMACallback | None = None) -> Path:
+    """Write the student alone as a diffusers folder (every rank calls: gathering can be collective).
+
+    With an EMA whose spec says ``export``, the averaged weights are exported.
+    """
     out = Path(cfg.training.export_dir or Path(cfg.training.output_dir) / "export")
     role = rt.method.export_role()
     acc = rt.accelerator
-    full = gather_full_model(acc, role.transformer)  # collective under FSDP
+    use_ema = ema is not None and role.name in ema.specs and ema.specs[role.name].export
+    with ema.averaged(role.name) if use_ema else contextlib.nullcontext():
+        full = gather_full_model(acc, role.transformer)  # collective under FSDP
     if acc.is_main_process:
-        export_student(full, role.source, out, rt.method.export_schedule())
+        info = {"method": cfg.recipe.method, "ema": use_ema}
+        if role.lora is not None:
+            export_lora(full, role.source, out, rt.method.export_schedule(), merged=role.lora.export_merged, info=info)
+        else:
+            export_student(full, role.source, out, rt.method.export_schedule(), info=info)
     acc.wait_for_everyone()
     return out
 
@@ -69,16 +104,12 @@ def train(cfg: RunConfig) -> Path:
     resume_from = find_resume_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint, roles)
     rt = build_runtime(cfg)
     acc = rt.accelerator
-    if cfg.training.log_validation:
-        logger.warning(
-            "training.log_validation: validation sampling is not implemented in this version; no samples are made",
-            main_process_only=True,
-        )
     start_trackers(cfg, rt)
+    callbacks = build_callbacks(cfg, rt)
     ckpt = CheckpointManager(
         acc, cfg.training.output_dir, roles=roles, total_limit=cfg.training.checkpoints_total_limit
     )
-    state = resume(rt, ckpt, resume_from)
+    state = resume(rt, ckpt, resume_from, callbacks)
     if resume_from is None and completed_checkpoints(ckpt.root):
         logger.warning(
             f"{ckpt.root} holds checkpoints from an earlier run; starting from scratch "
@@ -87,12 +118,30 @@ def train(cfg: RunConfig) -> Path:
         )
 
     def save(s: TrainerState) -> None:
-        ckpt.save(s.iteration, asdict(s), {"data": rt.stream.state_dict(), "method": rt.method.state_dict()})
+        rank_state = {
+            "data": rt.stream.state_dict(),
+            "method": rt.method.state_dict(),
+            "callbacks": {c.name: c.state_dict() for c in callbacks},
+        }
+        ckpt.save(s.iteration, asdict(s), rank_state)
 
     metrics = Path(cfg.training.output_dir) / "logs" / "metrics.jsonl"
     Trainer(
-        acc, rt.method, iter(rt.stream), cfg.training, state=state, save_checkpoint=save, metrics_file=metrics
+        acc,
+        rt.method,
+        iter(rt.stream),
+        cfg.training,
+        state=state,
+        save_checkpoint=save,
+        metrics_file=metrics,
+        callbacks=callbacks,
     ).run()
-    out = export(cfg, rt)
+    out = export(cfg, rt, find_callback(callbacks, EMACallback))
+    if cfg.training.push_to_hub and acc.is_main_process:
+        from accel_distill.hub import push_export
+
+        url = push_export(out, cfg.training.hub_model_id, private=cfg.training.hub_private)
+        logger.info(f"pushed {out} to {url}", main_process_only=True)
+    acc.wait_for_everyone()
     acc.end_training()
     return out

@@ -138,6 +138,20 @@ def validate_roles(cfg: RunConfig, method_cls: type) -> None:
         if must is not None and rc.trainable != must:
             fail(src, f"{key}.trainable", f"method {name!r} needs this role {'trainable' if must else 'frozen'}")
         check_path(src, f"{key}.path", rc.path, allow_hub=True)
+        for extra in ("lora", "ema"):
+            if getattr(rc, extra) is not None and not rc.trainable:
+                fail(src, f"{key}.{extra}", "only a trainable role can have it")
+        if rc.lora is not None:
+            check_range(src, f"{key}.lora.rank", rc.lora.rank, 1)
+            check_range(src, f"{key}.lora.alpha", rc.lora.alpha, 1e-12)
+            check_range(src, f"{key}.lora.dropout", rc.lora.dropout, 0.0, 0.999)
+            if not rc.lora.target_modules:
+                fail(src, f"{key}.lora.target_modules", "needs at least one module name")
+        if rc.ema is not None:
+            check_range(src, f"{key}.ema.decay", rc.ema.decay, 0.0, 1.0)
+            check_range(src, f"{key}.ema.min_decay", rc.ema.min_decay, 0.0, rc.ema.decay)
+            check_range(src, f"{key}.ema.inv_gamma", rc.ema.inv_gamma, 1e-12)
+            check_range(src, f"{key}.ema.update_after_step", rc.ema.update_after_step, 0)
         check_range(src, f"{key}.learning_rate", rc.learning_rate, 0.0)
         check_range(src, f"{key}.max_grad_norm", rc.max_grad_norm, 0.0)
         check_range(src, f"{key}.lr_warmup_steps", rc.lr_warmup_steps, 0)
@@ -195,6 +209,10 @@ def validate_training(cfg: RunConfig) -> None:
         check_path(src, "training.validation_dataset_file", t.validation_dataset_file)
     for i, n in enumerate(t.validation_sampling_steps):
         check_range(src, f"training.validation_sampling_steps[{i}]", n, 1)
+    if t.push_to_hub and not t.hub_model_id:
+        fail(src, "training.hub_model_id", "push_to_hub needs the repository id, e.g. your-name/wan-dmd2-3step")
+    if t.hub_model_id is not None and (t.hub_model_id.count("/") != 1 or not all(t.hub_model_id.split("/"))):
+        fail(src, "training.hub_model_id", f"must look like owner/name, got {t.hub_model_id!r}")
     for tracker in t.trackers:
         if tracker not in ("wandb", "tensorboard"):
             fail(src, "training.trackers", f"unknown tracker {tracker!r}; supported: wandb, tensorboard")

@@ -20,6 +20,36 @@ class RecipeConfig:
 
 
 @dataclass
+class LoraSpec:
+    """A peft LoRA adapter on the role's transformer: only the adapter trains and is saved."""
+
+    rank: int = 16
+    alpha: float | None = None  # default: rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    # peft's init_lora_weights: "default" (B = 0), "gaussian", "pissa", "olora"
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    # Also export the adapter fused into a full transformer (the LoRA file is always written).
+    export_merged: bool = False
+
+
+@dataclass
+class EMASpec:
+    """Exponential moving average of a trainable role, kept in fp32 and stepped with its optimizer."""
+
+    decay: float = 0.999
+    # diffusers EMAModel warm-up: decay_t = 1 - (1 + t / inv_gamma) ** -power, capped at decay
+    use_warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    # Export / validate with the averaged weights instead of the raw ones.
+    export: bool = True
+    validate: bool = True
+
+
+@dataclass
 class RoleConfig:
     """One participant (student, teacher, critic, ...) and how it trains.
 
@@ -39,6 +69,8 @@ class RoleConfig:
     gradient_checkpointing: bool = False
     # Frozen roles under FSDP: only rank 0 reads the weights, the others receive their shards.
     rank0_loading: bool = True
+    lora: LoraSpec | None = None
+    ema: EMASpec | None = None
     learning_rate: float | None = None
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
@@ -85,10 +117,17 @@ class TrainingConfig:
     wandb_run_name: str | None = None
 
     log_validation: bool = False
+    validation_at_start: bool = False
     validation_steps: int = 500
     validation_dataset_file: str | None = None
+    # Default: the student's trained step count (few-step methods) or 50.
     validation_sampling_steps: list[int] = field(default_factory=list)
+    # Default: 1.0 (a DMD student is CFG-free).
     validation_guidance_scale: list[float] = field(default_factory=list)
+
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The algorithm-agnostic training loop."""
+"""The algorithm-agnostic training loop and its callbacks."""
 
+from accel_distill.trainer.callbacks import Callback
 from accel_distill.trainer.loop import Trainer, TrainerState, TrainingDiverged
 
-__all__ = ["Trainer", "TrainerState", "TrainingDiverged"]
+__all__ = ["Callback", "Trainer", "TrainerState", "TrainingDiverged"]

@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from accel_distill.config.schema import TrainingConfig
 from accel_distill.errors import UserError
 from accel_distill.methods.base import DistillMethod
+from accel_distill.trainer.callbacks import Callback
 
 logger = get_logger(__name__)
 
@@ -58,10 +59,12 @@ class Trainer:
         state: TrainerState | None = None,
         save_checkpoint: Callable[[TrainerState], None] | None = None,
         metrics_file: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
     ):
         self.acc, self.method, self.batches, self.cfg = accelerator, method, batches, cfg
         self.state = state or TrainerState()
         self.save_checkpoint = save_checkpoint
+        self.callbacks = list(callbacks)
         # Every logged step also lands here as one JSON line (main process), whatever the trackers.
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         if self.metrics_file is not None and self.acc.is_main_process:
@@ -138,9 +141,13 @@ class Trainer:
         it = self.state.iteration
         metrics = self._forward_backward(it)
         metrics.update(self._clip(it))
+        stepped: list[str] = []
         if self._all_finite(list(metrics.values())):
             self.method.optimizers_schedulers_step(it)
             self.state.consecutive_nonfinite = 0
+            stepped = [
+                name for name, opt in self.method.optimizer_dict.items() if opt in self.method.get_optimizers(it)
+            ]
         else:
             self.state.skipped_steps += 1
             self.state.consecutive_nonfinite += 1
@@ -153,10 +160,14 @@ class Trainer:
                 )
         self.method.optimizers_zero_grad(it)
         self.state.iteration += 1
+        for callback in self.callbacks:
+            metrics.update({k: torch.tensor(float(v)) for k, v in callback.on_step_end(self, it, stepped).items()})
         return metrics
 
     def run(self) -> TrainerState:
         cfg = self.cfg
+        for callback in self.callbacks:
+            callback.on_train_start(self)
         bar = tqdm(
             total=cfg.max_train_steps,
             initial=self.state.iteration,
@@ -175,4 +186,6 @@ class Trainer:
             if self.save_checkpoint and (it % cfg.checkpointing_steps == 0 or it == cfg.max_train_steps):
                 self.save_checkpoint(self.state)
         bar.close()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
         return self.state

@@ -3,7 +3,8 @@
 accelerate drops the FSDP plugin when there is no GPU and silently runs DDP. This shim
 re-installs it after ``Accelerator`` is built (on ``PartialState`` and the accelerator's
 state, see shared/design/FACTS.md) so the project's own FSDP2 path is what the tests run.
-It must never move into library code. Optionally dumps each rank's shard sizes.
+It must never move into library code. Optionally dumps each rank's shard sizes
+(``SHARD_REPORT``) and peak host memory by phase (``MEM_REPORT``, benchmarks/fsdp_memhook.py).
 """
 
 import json
@@ -51,6 +52,11 @@ if os.environ.get("SHARD_REPORT"):  # where to write {role: [local params, total
     import accel_distill.run as run
 
     run.build_runtime = build_and_report
+
+if os.environ.get("MEM_REPORT"):  # benchmarks: each rank's peak RSS by phase -> {MEM_REPORT}.rank{N}.json
+    from benchmarks.fsdp_memhook import install
+
+    install()
 
 from accel_distill.cli import main  # noqa: E402
 

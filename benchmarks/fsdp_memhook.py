@@ -1,0 +1,132 @@
+"""Per-process host-memory (RSS) report of one training run, by phase (benchmarks only).
+
+``install()`` wraps, without changing what they do, the places a run passes through:
+``builder.load_bundle`` (model loading + sharding + optimizer/prepare), ``Trainer.step``
+(forward, backward, clip, AdamW), ``CheckpointManager.save`` and ``run.export``. At each
+boundary it reads the kernel's peak RSS of the process (``VmHWM``), then resets it
+(``/proc/self/clear_refs`` 5), so every phase gets its own peak. At exit each process
+writes ``{MEM_REPORT}.rank{RANK}.json``:
+
+* ``baseline_rss``: RSS just before the models load (torch, accelerate, the process
+  group, the data stream: the same in every run, and not what sharding saves);
+* ``peaks``: peak RSS of each phase (``load``, ``setup``, ``train``, ``between``,
+  ``checkpoint``, ``export``, ``end``), bytes; ``rss_at_end``: RSS as each phase ended
+  (``file_rss_at_end``: its file-backed part, e.g. mmapped safetensors);
+* ``ru_maxrss_start``: ``getrusage`` peak when the hook was installed (imports).
+
+Linux only. Used by ``tests/launch/fsdp_cpu.py`` (FSDP runs, when ``MEM_REPORT`` is set)
+and ``benchmarks/fsdp_single.py`` (the one-process run).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import resource
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss() -> int:
+    """Current resident set size, bytes."""
+    return _status_kb("VmRSS") * 1024
+
+
+def hwm() -> int:
+    """Peak resident set size since start or the last reset, bytes."""
+    return _status_kb("VmHWM") * 1024
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM (and getrusage's max RSS) to the current RSS; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseTracker:
+    """Peak RSS per named phase; ``enter(name)`` closes the current phase."""
+
+    def __init__(self) -> None:
+        self.phase = "startup"
+        self.peaks: dict[str, int] = {}
+        self.rss_at_end: dict[str, int] = {}
+        self.file_rss_at_end: dict[str, int] = {}
+        self.baseline_rss: int | None = None
+        self.resettable = True
+
+    def enter(self, name: str) -> None:
+        peak = hwm()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), peak)
+        self.rss_at_end[self.phase] = rss()
+        self.file_rss_at_end[self.phase] = _status_kb("RssFile") * 1024
+        self.resettable = reset_peak() and self.resettable
+        self.phase = name
+
+    def report(self) -> dict:
+        self.enter("done")
+        return {
+            "baseline_rss": self.baseline_rss,
+            "peaks": {k: v for k, v in self.peaks.items() if k != "done"},
+            "rss_at_end": {k: v for k, v in self.rss_at_end.items() if k != "done"},
+            "file_rss_at_end": {k: v for k, v in self.file_rss_at_end.items() if k != "done"},
+            "per_phase": self.resettable,  # False: each peak is the running peak since process start
+            "ru_maxrss_start": START_MAXRSS,
+            "pid": os.getpid(),
+        }
+
+
+START_MAXRSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+TRACKER = PhaseTracker()
+
+
+def _around(obj, attr: str, phase: str, after: str, *, before_hook=None) -> None:
+    original = getattr(obj, attr)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        if before_hook is not None:
+            before_hook()
+        TRACKER.enter(phase)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            TRACKER.enter(after)
+
+    setattr(obj, attr, wrapped)
+
+
+def install(path: str | None = None) -> None:
+    """Track this process's RSS by phase and write the report at exit (see module doc)."""
+    import accel_distill.builder as builder
+    import accel_distill.run as run
+    from accel_distill.checkpoint import CheckpointManager
+    from accel_distill.trainer import Trainer
+
+    path = path or os.environ["MEM_REPORT"]
+
+    def baseline() -> None:
+        TRACKER.baseline_rss = rss()
+
+    _around(builder, "load_bundle", "load", "setup", before_hook=baseline)
+    _around(Trainer, "step", "train", "between")
+    _around(CheckpointManager, "save", "checkpoint", "between")
+    _around(run, "export", "export", "end")
+
+    def write() -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        with open(f"{path}.rank{rank}.json", "w") as f:
+            json.dump(TRACKER.report(), f)
+
+    atexit.register(write)
