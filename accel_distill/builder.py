@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +24,7 @@ from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_sha
 from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
+from accel_distill.prompts import encode_cached, load_embedding_file
 from accel_distill.registry import FAMILIES, METHODS
 from accel_distill.roles import DTYPES, ModelBundle, RoleHandle, apply_trainable, attach_lora
 
@@ -114,42 +116,16 @@ def checkpoint_roles(cfg: RunConfig) -> dict:
 
 def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Tensor:
     """The unconditional embedding [text_max_length, D]: a given file, or encoded once and cached."""
-    from safetensors.torch import load_file, save_file
-
     p = cfg.pipeline_config
     if p.negative_prompt_embeds is not None:
-        path, key = p.negative_prompt_embeds, "pipeline_config.negative_prompt_embeds"
-        tensors = load_file(path) if path.endswith(".safetensors") else {"t": torch.load(path, weights_only=True)}
-        if len(tensors) != 1:
-            raise ConfigError(f"{cfg.source}: {key}: {path} must hold exactly one tensor, has {len(tensors)}")
-        emb = next(iter(tensors.values()))
-    else:
-        cache = Path(cfg.training.output_dir) / "negative_prompt_embeds.safetensors"
-        path, key = str(cache), "pipeline_config.negative_prompt"
-        meta = {"prompt": p.negative_prompt, "max_length": str(p.text_max_length), "source": cfg.roles["student"].path}
-        if acc.is_main_process and not _cache_matches(cache, meta):
-            emb = family.encode_prompt(meta["source"], p.negative_prompt, p.text_max_length, acc.device)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"negative_prompt_embeds": emb.contiguous()}, str(cache), metadata=meta)
-        acc.wait_for_everyone()  # one process encodes; the others read the file
-        emb = load_file(str(cache))["negative_prompt_embeds"]
-    if emb.dim() == 3 and emb.shape[0] == 1:
-        emb = emb[0]
-    if emb.dim() != 2 or emb.shape[0] > p.text_max_length:
-        raise ConfigError(
-            f"{cfg.source}: {key}: {path} has shape {list(emb.shape)}, expected [L <= {p.text_max_length}, D]"
-        )
-    return torch.nn.functional.pad(emb, (0, 0, 0, p.text_max_length - emb.shape[0]))
 
+        def bad(message: str) -> NoReturn:
+            raise ConfigError(f"{cfg.source}: pipeline_config.negative_prompt_embeds: {message}")
 
-def _cache_matches(path: Path, meta: dict[str, str]) -> bool:
-    """Whether the cached embedding was encoded from the same prompt, length and text encoder."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return False
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}) == meta
+        return load_embedding_file(p.negative_prompt_embeds, p.text_max_length, bad)
+    cache = Path(cfg.training.output_dir) / "negative_prompt_embeds.safetensors"
+    source = cfg.roles["student"].path
+    return encode_cached(family, source, [p.negative_prompt], p.text_max_length, acc, cache)[0]
 
 
 def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMatchAdapter, acc: Accelerator):

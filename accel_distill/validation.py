@@ -32,6 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.methods.base import derived_seed
+from accel_distill.prompts import encode_cached, load_embedding_file
 from accel_distill.sampling import few_step_sample
 from accel_distill.schedule import FewStepSchedule
 from accel_distill.trainer.callbacks import Callback
@@ -105,43 +107,12 @@ def read_prompts(path: str, source: str = "<config>") -> list[ValidationPrompt]:
 
 
 def load_embedding(file: str, max_length: int, source: str, path: str) -> torch.Tensor:
-    """A precomputed ``[L, D]`` (or ``[1, L, D]``) embedding, zero-padded to ``max_length`` tokens."""
+    """A precomputed prompt embedding named in the validation file, padded to ``max_length`` tokens."""
 
-    def bad(message: str):
-        fail(source, KEY, f"{path}: prompt_embeds {file}: {message}")
+    def bad(message: str) -> NoReturn:
+        fail(source, KEY, f"{path}: prompt_embeds {message}")
 
-    try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            tensors = load_file(file)
-        else:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-            tensors = loaded if isinstance(loaded, dict) else {"t": loaded}
-    except Exception as e:  # missing file, corrupt file, pickle refused
-        bad(f"cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    if len(tensors) != 1 or not torch.is_tensor(next(iter(tensors.values()))):
-        bad(f"must hold exactly one tensor, has {len(tensors)} entries")
-    emb = next(iter(tensors.values()))
-    if emb.dim() == 3 and emb.shape[0] == 1:
-        emb = emb[0]
-    if emb.dim() != 2 or emb.shape[0] > max_length:
-        bad(f"has shape {list(emb.shape)}, expected [L <= {max_length}, D] (pipeline_config.text_max_length)")
-    return pad_tokens(emb, max_length)
-
-
-def pad_tokens(emb: torch.Tensor, max_length: int) -> torch.Tensor:
-    """Zero-pad ``[L, D]`` to ``[max_length, D]`` float32, as the training data are padded."""
-    return torch.nn.functional.pad(emb.float(), (0, 0, 0, max_length - emb.shape[0]))
-
-
-def _cache_matches(path: Path, meta: dict[str, str]) -> bool:
-    from safetensors import safe_open
-
-    if not path.exists():
-        return False
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}) == meta
+    return load_embedding_file(file, max_length, bad)
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:
@@ -241,8 +212,6 @@ class ValidationCallback(Callback):
 
     def _prompt_embeds(self) -> torch.Tensor:
         """Every prompt's ``[text_max_length, D]`` embedding: given files, else encoded once and cached."""
-        from safetensors.torch import load_file, save_file
-
         cfg, acc = self.cfg, self.acc
         max_length = cfg.pipeline_config.text_max_length
         embeds: dict[int, torch.Tensor] = {}
@@ -253,23 +222,9 @@ class ValidationCallback(Callback):
         if todo:
             cache = Path(cfg.training.output_dir) / CACHE_NAME
             captions = [self.prompts[i].caption for i in todo]
-            meta = {"prompts": json.dumps(captions), "max_length": str(max_length), "source": self.source}
-            if acc.is_main_process and not _cache_matches(cache, meta):
-                logger.info(f"encoding {len(todo)} validation prompts with the text encoder of {self.source}")
-                encoded = {
-                    f"prompt_{k}": pad_tokens(
-                        self.rt.family.encode_prompt(self.source, c, max_length, acc.device), max_length
-                    )
-                    for k, c in enumerate(captions)
-                }
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in encoded.items()}, str(cache), metadata=meta)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            acc.wait_for_everyone()  # one process encodes; the others read the file
-            cached = load_file(str(cache))
+            encoded = encode_cached(self.rt.family, self.source, captions, max_length, acc, cache)
             for k, i in enumerate(todo):
-                embeds[i] = cached[f"prompt_{k}"]
+                embeds[i] = encoded[k]
         dims = {e.shape[1] for e in embeds.values()}
         if len(dims) != 1:
             fail(

@@ -42,8 +42,9 @@ def big_transformer_config(num_layers: int, heads: int, ffn_dim: int) -> dict:
     return cfg
 
 
-def build_pipeline(path: Path, transformer_cfg: dict | None = None, *, seed: int = 0) -> Path:
-    """A "20m" pipeline folder; with ``transformer_cfg`` its transformer replaced by that (random) one."""
+def build_pipeline(path: Path, transformer_cfg: dict | None = None, *, seed: int = 0, dtype: str = "fp32") -> Path:
+    """A "20m" pipeline folder; with ``transformer_cfg`` its transformer replaced by that (random) one,
+    saved in ``dtype`` ("fp32" or "bf16")."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -53,7 +54,8 @@ def build_pipeline(path: Path, transformer_cfg: dict | None = None, *, seed: int
     if transformer_cfg is not None:
         torch.manual_seed(seed)
         shutil.rmtree(path / "transformer")
-        WanTransformer3DModel(**transformer_cfg).save_pretrained(path / "transformer")
+        model = WanTransformer3DModel(**transformer_cfg)
+        model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(path / "transformer")
     return path
 
 
@@ -94,9 +96,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(report: Path) -> dict:
+# glibc malloc: "default" (the threshold above which a block is mmapped -- and given back to the OS
+# when freed -- grows with every freed block up to 32 MiB, so FSDP's per-block buffers of a few MiB to
+# tens of MiB land in the heap and fragment it), or "mmap-1mib" (fixed 1 MiB threshold: every tensor of
+# 1 MiB or more is its own mapping, unmapped when freed, so RSS follows the live tensors).
+MALLOC_ENVS: dict[str, dict[str, str]] = {
+    "default": {},
+    "mmap-1mib": {"MALLOC_MMAP_THRESHOLD_": str(2**20)},
+}
+
+
+def _env(report: Path, malloc: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     return {
-        **os.environ,
+        **env,
+        **MALLOC_ENVS[malloc],
         "PYTHONPATH": str(ROOT),
         "MEM_REPORT": str(report),
         "OMP_NUM_THREADS": "1",
@@ -104,9 +118,10 @@ def _env(report: Path) -> dict:
     }
 
 
-def _run(cmd: list[str], report: Path, ranks: int) -> tuple[list[dict], float]:
+def _run(cmd: list[str], report: Path, ranks: int, malloc: str) -> tuple[list[dict], float]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env(report))
+    env = _env(report, malloc)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -114,17 +129,19 @@ def _run(cmd: list[str], report: Path, ranks: int) -> tuple[list[dict], float]:
     return [json.loads(Path(f"{report}.rank{r}.json").read_text()) for r in range(ranks)], wall
 
 
-def run_single(config: Path, report: Path, *overrides: str) -> tuple[list[dict], float]:
+def run_single(config: Path, report: Path, *overrides: str, malloc: str = "default") -> tuple[list[dict], float]:
     """``train_distill.py --config`` in one plain process (no accelerate launch)."""
-    return _run([sys.executable, str(SINGLE), "--config", str(config), *overrides], report, 1)
+    return _run([sys.executable, str(SINGLE), "--config", str(config), *overrides], report, 1, malloc)
 
 
-def run_fsdp(config: Path, report: Path, *overrides: str, processes: int = 2) -> tuple[list[dict], float]:
+def run_fsdp(
+    config: Path, report: Path, *overrides: str, processes: int = 2, malloc: str = "default"
+) -> tuple[list[dict], float]:
     """``accelerate launch`` (fsdp8.yaml, FSDP2) with ``processes`` CPU processes through the shim."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
     cmd += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"]
     cmd += ["--main_process_port", str(free_port()), str(SHIM), "--config", str(config), *overrides]
-    return _run(cmd, report, processes)
+    return _run(cmd, report, processes, malloc)
 
 
 def mib(n: float | None) -> str:

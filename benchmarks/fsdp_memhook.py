@@ -8,10 +8,15 @@ boundary it reads the kernel's peak RSS of the process (``VmHWM``), then resets 
 writes ``{MEM_REPORT}.rank{RANK}.json``:
 
 * ``baseline_rss``: RSS just before the models load (torch, accelerate, the process
-  group, the data stream: the same in every run, and not what sharding saves);
+  group, the data stream: the same in every run, and not what sharding saves), and
+  ``baseline_split``: its anonymous / file-backed parts;
 * ``peaks``: peak RSS of each phase (``load``, ``setup``, ``train``, ``between``,
   ``checkpoint``, ``export``, ``end``), bytes; ``rss_at_end``: RSS as each phase ended
   (``file_rss_at_end``: its file-backed part, e.g. mmapped safetensors);
+* ``sampled_peaks`` (with ``MEM_SAMPLE_MS``: a thread reads ``/proc/self/status`` every
+  that many ms): per phase, the highest anonymous (``RssAnon``: tensors, heap) and
+  file-backed (``RssFile``: mmapped files such as safetensors weights, shared page cache)
+  RSS seen -- sampled, so a short spike can be missed;
 * ``ru_maxrss_start``: ``getrusage`` peak when the hook was installed (imports).
 
 Linux only. Used by ``tests/launch/fsdp_cpu.py`` (FSDP runs, when ``MEM_REPORT`` is set)
@@ -25,6 +30,8 @@ import functools
 import json
 import os
 import resource
+import threading
+import time
 
 
 def _status_kb(field: str) -> int:
@@ -64,7 +71,9 @@ class PhaseTracker:
         self.rss_at_end: dict[str, int] = {}
         self.file_rss_at_end: dict[str, int] = {}
         self.baseline_rss: int | None = None
+        self.baseline_split: dict[str, int] = {}
         self.resettable = True
+        self.sampled: dict[str, dict[str, int]] = {}  # phase -> {"anon": max RssAnon, "file": max RssFile}
 
     def enter(self, name: str) -> None:
         peak = hwm()
@@ -78,10 +87,12 @@ class PhaseTracker:
         self.enter("done")
         return {
             "baseline_rss": self.baseline_rss,
+            "baseline_split": self.baseline_split,
             "peaks": {k: v for k, v in self.peaks.items() if k != "done"},
             "rss_at_end": {k: v for k, v in self.rss_at_end.items() if k != "done"},
             "file_rss_at_end": {k: v for k, v in self.file_rss_at_end.items() if k != "done"},
             "per_phase": self.resettable,  # False: each peak is the running peak since process start
+            "sampled_peaks": self.sampled,
             "ru_maxrss_start": START_MAXRSS,
             "pid": os.getpid(),
         }
@@ -89,6 +100,16 @@ class PhaseTracker:
 
 START_MAXRSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 TRACKER = PhaseTracker()
+
+
+def _sample(tracker: PhaseTracker, every_s: float) -> None:
+    while True:
+        with open("/proc/self/status") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+        peaks = tracker.sampled.setdefault(tracker.phase, {"anon": 0, "file": 0})
+        peaks["anon"] = max(peaks["anon"], kb["RssAnon"] * 1024)
+        peaks["file"] = max(peaks["file"], kb["RssFile"] * 1024)
+        time.sleep(every_s)
 
 
 def _around(obj, attr: str, phase: str, after: str, *, before_hook=None) -> None:
@@ -115,9 +136,13 @@ def install(path: str | None = None) -> None:
     from accel_distill.trainer import Trainer
 
     path = path or os.environ["MEM_REPORT"]
+    if os.environ.get("MEM_SAMPLE_MS"):  # also sample the anonymous / file-backed split of RSS
+        every_s = float(os.environ["MEM_SAMPLE_MS"]) / 1000
+        threading.Thread(target=_sample, args=(TRACKER, every_s), daemon=True).start()
 
     def baseline() -> None:
         TRACKER.baseline_rss = rss()
+        TRACKER.baseline_split = {"anon": _status_kb("RssAnon") * 1024, "file": _status_kb("RssFile") * 1024}
 
     _around(builder, "load_bundle", "load", "setup", before_hook=baseline)
     _around(Trainer, "step", "train", "between")

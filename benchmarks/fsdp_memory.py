@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.fsdp_common import (
+    MALLOC_ENVS,
     big_transformer_config,
     build_pipeline,
     local_numel,
@@ -65,7 +66,8 @@ def finetune_config(model: Path, data: Path, out: Path, steps: int) -> dict:
     }
 
 
-def summarize(label: str, rank: int, rep: dict, theory: int) -> tuple[list[object], dict]:
+def summarize(rep: dict) -> dict:
+    """Peak RSS deltas (bytes over the pre-load baseline) of one process's report."""
     base, peaks = rep["baseline_rss"], rep["peaks"]
 
     def delta(phases) -> int | None:
@@ -73,86 +75,91 @@ def summarize(label: str, rank: int, rep: dict, theory: int) -> tuple[list[objec
         return max(got) - base if got else None
 
     whole = max([*peaks.values(), rep["ru_maxrss_start"]])
-    d = {
-        "train": delta(TRAIN_PHASES),
-        "load": delta(("load",)),
-        "steps": delta(("train",)),
-        "checkpoint": delta(("checkpoint",)),
-        "export": delta(("export",)),
+    return {
+        "baseline": base,
         "whole": whole,
         "whole_delta": whole - base,
+        "load": delta(("load",)),
+        "steps": delta(("train",)),
+        "train": delta(TRAIN_PHASES),
+        "checkpoint": delta(("checkpoint",)),
+        "export": delta(("export",)),
     }
-    row = [
-        label,
-        rank,
-        mib(base),
-        mib(whole),
-        mib(d["whole_delta"]),
-        mib(d["load"]),
-        mib(d["steps"]),
-        mib(d["train"]),
-        mib(d["checkpoint"]),
-        mib(d["export"]),
-        mib(theory),
-    ]
-    return row, d
+
+
+COLUMNS = {
+    "baseline": "baseline RSS",
+    "whole": "peak RSS (raw, whole run)",
+    "whole_delta": "whole run delta",
+    "load": "load delta",
+    "steps": "train-steps delta",
+    "train": "load+train delta",
+    "checkpoint": "final checkpoint delta",
+    "export": "export delta",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16, help="x 64 = hidden size")
-    parser.add_argument("--ffn", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--heads", type=int, default=10, help="x 64 = hidden size")
+    parser.add_argument("--ffn", type=int, default=2560)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--malloc", nargs="+", choices=sorted(MALLOC_ENVS), default=["default", "mmap-1mib"], help="glibc settings"
+    )
     args = parser.parse_args()
 
     tcfg = big_transformer_config(args.layers, args.heads, args.ffn)
     shapes = param_shapes(tcfg)
     n_params = local_numel(shapes, 0, 1)
+    theory = {"single": [16 * n_params], "fsdp x2": [16 * local_numel(shapes, r, 2) for r in range(2)]}
+    results: dict[tuple[str, str], list[dict]] = {}
+    walls = []
     with tempfile.TemporaryDirectory(prefix="fsdp_memory_") as tmp:
         root = Path(tmp)
         model = build_pipeline(root / "student", tcfg)
         data = write_data(root / "data.parquet")
         config = write_yaml(root / "run.yaml", finetune_config(model, data, root / "out", args.steps))
-        single, t_single = run_single(config, root / "mem_single", f"training.output_dir={root / 'out_single'}")
-        fsdp, t_fsdp = run_fsdp(config, root / "mem_fsdp", f"training.output_dir={root / 'out_fsdp'}")
+        for malloc in args.malloc:
+            for run, fn in (("single", run_single), ("fsdp x2", run_fsdp)):
+                tag = f"{malloc}_{run.replace(' ', '')}"
+                reps, wall = fn(
+                    config, root / f"mem_{tag}", f"training.output_dir={root / ('out_' + tag)}", malloc=malloc
+                )
+                results[malloc, run] = [summarize(r) for r in reps]
+                walls.append(f"{run} ({malloc}) {wall:.0f} s")
 
     print(
-        f"finetune, fp32 student of {n_params / 1e6:.1f}M params ({n_params * 4 / 2**20:,.0f} MiB), AdamW, "
-        f"batch 1, {args.steps} iterations; wall: single {t_single:.0f} s, fsdp x2 {t_fsdp:.0f} s. "
-        "MiB; delta = peak RSS - RSS just before the models load."
+        f"finetune, fp32 student of {n_params / 1e6:.1f}M params ({n_params * 4 / 2**20:,.0f} MiB) in "
+        f"{args.layers} blocks, AdamW, batch 1, {args.steps} iterations. Wall: {', '.join(walls)}."
     )
-    header = [
-        "run",
-        "rank",
-        "baseline RSS",
-        "peak RSS (raw, whole run)",
-        "whole run delta",
-        "load delta",
-        "train-steps delta",
-        "load+train delta",
-        "final checkpoint delta",
-        "export delta",
-        "theory: params+grads+Adam",
-    ]
-    rows, deltas = [], {}
-    row, deltas["single"] = summarize("single", 0, single[0], 16 * n_params)
-    rows.append(row)
-    for rank, rep in enumerate(fsdp):
-        row, deltas[f"fsdp{rank}"] = summarize("fsdp x2", rank, rep, 16 * local_numel(shapes, rank, 2))
-        rows.append(row)
+    print("MiB; delta = peak RSS - RSS just before the models load; theory = 16 bytes per parameter held.")
+    print()
+    header = ["malloc", "run", "rank", *COLUMNS.values(), "theory: params+grads+Adam"]
+    rows = []
+    for (malloc, run), ranks in results.items():
+        for rank, d in enumerate(ranks):
+            rows.append([malloc, run, rank, *(mib(d[k]) for k in COLUMNS), mib(theory[run][rank])])
     print(md_table(header, rows))
     print()
-    s = deltas["single"]
-    worst = {k: max(deltas[f"fsdp{r}"][k] for r in range(len(fsdp))) for k in ("train", "whole", "whole_delta")}
-    for key, name in (("checkpoint", "final checkpoint"), ("export", "export")):
-        per_rank = ", ".join(f"rank {r} {deltas[f'fsdp{r}'][key] / s['train']:.2f}x" for r in range(len(fsdp)))
-        print(f"{name} delta / single load+train delta: {per_rank}")
-    print(f"whole run (raw peak RSS): max rank / single = {worst['whole'] / s['whole']:.2f}x")
-    print(f"whole run delta: max rank / single = {worst['whole_delta'] / s['whole_delta']:.2f}x")
+    ideal = theory["fsdp x2"][0] / theory["single"][0]
+    lines = []
+    for malloc in args.malloc:
+        single, fsdp = results[malloc, "single"][0], results[malloc, "fsdp x2"]
+
+        def worst(key: str, fsdp=fsdp, single=single) -> float:
+            return max(d[key] for d in fsdp) / single[key]
+
+        print(
+            f"[{malloc}] max rank / single: whole run raw peak {worst('whole'):.2f}x, whole run delta "
+            f"{worst('whole_delta'):.2f}x, final checkpoint delta {worst('checkpoint'):.2f}x, "
+            f"export delta {worst('export'):.2f}x"
+        )
+        lines.append(f"{malloc} {worst('train'):.2f}x")
     print(
-        f"ratio (load+train peak RSS - baseline, max over ranks / single): {worst['train'] / s['train']:.2f}x "
-        f"(theory {16 * local_numel(shapes, 0, 2) / (16 * n_params):.2f}x, target <= 0.60x)"
+        f"ratio (load+train peak RSS - baseline, max over ranks / single): {', '.join(lines)} "
+        f"(theory {ideal:.2f}x, target <= 0.60x)"
     )
 
 

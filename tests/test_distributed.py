@@ -163,3 +163,33 @@ def test_num_gpus_must_match_the_launch(tmp_path, tiny_wan, tiny_teacher, latent
     assert proc.returncode != 0
     assert "training.num_gpus: is 8 but 2 processes were launched" in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_lora_dmd2_two_processes_resume_and_export(backend, tmp_path, tiny_wan, tiny_teacher, latent_data):
+    """LoRA on the student and the critic, EMA on the student: save, resume exactly, export the adapter."""
+    accelerate_config, script = (
+        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data, straight)
+    cfg["training"].update(max_train_steps=4, checkpointing_steps=2)
+    cfg["roles"]["student"].update(lora={"rank": 4, "init": "gaussian"}, ema={"decay": 0.9})
+    cfg["roles"]["critic"]["lora"] = {"rank": 4}
+    config = write_config(tmp_path / "run.yaml", cfg)
+    launch(accelerate_config, script, "--config", str(config))
+    ckpt = straight / "checkpoints" / "checkpoint-2"
+    launch(
+        accelerate_config,
+        script,
+        "--config",
+        str(config),
+        f"training.output_dir={resumed}",
+        f"training.resume_from_checkpoint={ckpt}",
+    )
+    a, b = metrics(straight), metrics(resumed)
+    assert sorted(b) == [3, 4] and {i: a[i] for i in b} == b
+    la = load_file(straight / "export" / "pytorch_lora_weights.safetensors")
+    lb = load_file(resumed / "export" / "pytorch_lora_weights.safetensors")
+    assert la and la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert all("lora" in k for k in la)

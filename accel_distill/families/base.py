@@ -131,8 +131,8 @@ class Family(ABC):
         """The adapter for models loaded from ``source`` (normalisation, shift, channels)."""
 
     @abstractmethod
-    def encode_prompt(self, source: str, prompt: str, max_length: int, device: torch.device) -> torch.Tensor:
-        """Encode one prompt with the family's text encoder -> [max_length, D]."""
+    def encode_prompts(self, source: str, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
+        """Encode prompts with the family's text encoder (loaded once) -> [N, max_length, D]."""
 
     @abstractmethod
     def latent_shape(self, source: str, num_frames: int, height: int, width: int) -> tuple[int, ...]:

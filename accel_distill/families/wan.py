@@ -123,18 +123,19 @@ class WanFamily(Family):
             latents_std=vae["latents_std"],
         )
 
-    def encode_prompt(self, source: str, prompt: str, max_length: int, device: torch.device) -> torch.Tensor:
+    def encode_prompts(self, source: str, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
         from diffusers import WanPipeline
 
-        # UMT5-XXL is ~11 GB in bf16: half precision on accelerators, fp32 on CPU.
+        # UMT5-XXL is ~11 GB in bf16: half precision on accelerators, fp32 on CPU. Loaded once per call.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         pipe = WanPipeline.from_pretrained(source, transformer=None, vae=None, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
         pipe.text_encoder.to(device)
         with torch.no_grad():
             embeds, _ = pipe.encode_prompt(
-                prompt, do_classifier_free_guidance=False, max_sequence_length=max_length, device=device
+                list(prompts), do_classifier_free_guidance=False, max_sequence_length=max_length, device=device
             )
-        return embeds[0].cpu()
+        return embeds.float().cpu()
 
     def latent_shape(self, source: str, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         vae = component_config(source, "vae")
