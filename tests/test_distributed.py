@@ -45,6 +45,30 @@ def launch(accelerate_config: str, script: str, *args: str, env: dict | None = N
     return proc
 
 
+def backend_launch(backend: str) -> tuple[str, str]:
+    """(accelerate config, script) of a backend: DDP runs train_distill.py, FSDP the CPU shim."""
+    if backend == "ddp":
+        return "accelerate_configs/ddp8.yaml", TRAIN
+    return "accelerate_configs/fsdp8.yaml", FSDP_SHIM
+
+
+def straight_then_resumed(
+    backend: str, config: Path, straight: Path, resumed: Path, at: int, env: dict | None = None
+) -> None:
+    """Run the config to the end, then again from its checkpoint at iteration ``at`` into ``resumed``."""
+    accelerate_config, script = backend_launch(backend)
+    launch(accelerate_config, script, "--config", str(config), env=env)
+    ckpt = straight / "checkpoints" / f"checkpoint-{at}"
+    launch(
+        accelerate_config,
+        script,
+        "--config",
+        str(config),
+        f"training.output_dir={resumed}",
+        f"training.resume_from_checkpoint={ckpt}",
+    )
+
+
 def metrics(out: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     return {r.pop("iteration"): {k: v for k, v in r.items() if k != "step_time"} for r in rows}
@@ -82,22 +106,10 @@ def dmd2_config(out: Path, model: Path, teacher: Path, data: Path, *, batch: int
 def test_dmd2_two_processes_save_resume_export_and_match_one(
     backend, tmp_path, tiny_wan, tiny_teacher, latent_data, dmd2_reference
 ):
-    accelerate_config, script = (
-        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
-    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     config = write_config(tmp_path / "run.yaml", dmd2_config(straight, tiny_wan, tiny_teacher, latent_data, batch=2))
     report = tmp_path / "shards"
-    launch(accelerate_config, script, "--config", str(config), env={"SHARD_REPORT": str(report)})
-    ckpt = straight / "checkpoints" / "checkpoint-3"
-    launch(
-        accelerate_config,
-        script,
-        "--config",
-        str(config),
-        f"training.output_dir={resumed}",
-        f"training.resume_from_checkpoint={ckpt}",
-    )
+    straight_then_resumed(backend, config, straight, resumed, at=3, env={"SHARD_REPORT": str(report)})
 
     # exact resume across 2 processes: every logged value of iterations 4..6, and the weights
     a, b = metrics(straight), metrics(resumed)
@@ -125,9 +137,7 @@ def test_dmd2_two_processes_save_resume_export_and_match_one(
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_finetune_two_processes_match_one_with_double_batch(backend, tmp_path, tiny_wan, tiny_teacher, latent_data):
-    accelerate_config, script = (
-        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
-    )
+    accelerate_config, script = backend_launch(backend)
     runs = {}
     for name, batch in (("two", 2), ("one", 4)):
         cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, tmp_path / name)
@@ -168,25 +178,12 @@ def test_num_gpus_must_match_the_launch(tmp_path, tiny_wan, tiny_teacher, latent
 @pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_lora_dmd2_two_processes_resume_and_export(backend, tmp_path, tiny_wan, tiny_teacher, latent_data):
     """LoRA on the student and the critic, EMA on the student: save, resume exactly, export the adapter."""
-    accelerate_config, script = (
-        ("accelerate_configs/ddp8.yaml", TRAIN) if backend == "ddp" else ("accelerate_configs/fsdp8.yaml", FSDP_SHIM)
-    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data, straight)
     cfg["training"].update(max_train_steps=4, checkpointing_steps=2)
     cfg["roles"]["student"].update(lora={"rank": 4, "init": "gaussian"}, ema={"decay": 0.9})
     cfg["roles"]["critic"]["lora"] = {"rank": 4}
-    config = write_config(tmp_path / "run.yaml", cfg)
-    launch(accelerate_config, script, "--config", str(config))
-    ckpt = straight / "checkpoints" / "checkpoint-2"
-    launch(
-        accelerate_config,
-        script,
-        "--config",
-        str(config),
-        f"training.output_dir={resumed}",
-        f"training.resume_from_checkpoint={ckpt}",
-    )
+    straight_then_resumed(backend, write_config(tmp_path / "run.yaml", cfg), straight, resumed, at=2)
     a, b = metrics(straight), metrics(resumed)
     assert sorted(b) == [3, 4] and {i: a[i] for i in b} == b
     la = load_file(straight / "export" / "pytorch_lora_weights.safetensors")
