@@ -118,6 +118,8 @@ def gather_full_model(acc: Accelerator, module: torch.nn.Module) -> torch.nn.Mod
         full = unwrapped_class(inner).from_config(inner.config)
     if getattr(inner, "peft_config", None):  # same LoRA layout, so the adapter's keys load too
         full.add_adapter(inner.peft_config["default"])
-    # copies: without FSDP the state dict shares storage with the live (maybe EMA-swapped) weights
-    full.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, assign=True)
+    # Without FSDP the state dict shares storage with the live (maybe EMA-swapped) weights: copy.
+    # Under FSDP it is already a fresh full CPU copy on this rank: a second one would double the peak.
+    copy = not is_fsdp(acc)
+    full.load_state_dict({k: v.detach().to("cpu", copy=copy) for k, v in state.items()}, assign=True)
     return full

@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TQDM_DISABLE", "1")  # save_pretrained's "Writing model shards" bars
 
 import yaml  # noqa: E402
 
@@ -47,9 +48,11 @@ def build_pipeline(path: Path, transformer_cfg: dict | None = None, *, seed: int
     saved in ``dtype`` ("fp32" or "bf16")."""
     import torch
     from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging
 
     from accel_distill.testing.tiny_wan import build_tiny_wan
 
+    logging.set_verbosity_error()  # the bf16 save's "modules that should be kept in float32" notice
     build_tiny_wan(path, size="20m", seed=seed)
     if transformer_cfg is not None:
         torch.manual_seed(seed)

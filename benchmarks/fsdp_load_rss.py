@@ -5,7 +5,11 @@ transformer widened to 16 heads x 64, ffn 4096, 16 blocks; ~1 GiB) while the
 trainable student and critic are the small "20m" one. Both settings run the same
 config file with ``accelerate launch --config_file accelerate_configs/fsdp8.yaml
 --num_processes 2 ... tests/launch/fsdp_cpu.py --config run.yaml
-roles.teacher.rank0_loading=true|false``, one training iteration each.
+roles.teacher.rank0_loading=true|false``, one training iteration each, for a teacher
+stored in fp32 (``from_pretrained`` keeps the weights in the mmapped safetensors file:
+file-backed pages read lazily, so a rank that shards the module itself only touches its
+own rows) and in bf16 (converted on load into an anonymous fp32 copy of the whole teacher,
+as a bf16 teacher is from an fp32 checkpoint in a bf16 run).
 
 ``load`` is ``builder.load_bundle``: every role read from disk (``from_pretrained``)
 or built on the meta device (ranks > 0 with rank-0 loading), FSDP2-sharded (frozen

@@ -17,6 +17,7 @@ writes ``{MEM_REPORT}.rank{RANK}.json``:
   that many ms): per phase, the highest anonymous (``RssAnon``: tensors, heap) and
   file-backed (``RssFile``: mmapped files such as safetensors weights, shared page cache)
   RSS seen -- sampled, so a short spike can be missed;
+* ``seconds``: wall time of each phase (``startup``: from the hook's install);
 * ``ru_maxrss_start``: ``getrusage`` peak when the hook was installed (imports).
 
 Linux only. Used by ``tests/launch/fsdp_cpu.py`` (FSDP runs, when ``MEM_REPORT`` is set)
@@ -73,6 +74,8 @@ class PhaseTracker:
         self.baseline_rss: int | None = None
         self.baseline_split: dict[str, int] = {}
         self.resettable = True
+        self.seconds: dict[str, float] = {}  # wall time spent in each phase
+        self.since = time.perf_counter()
         self.sampled: dict[str, dict[str, int]] = {}  # phase -> {"anon": max RssAnon, "file": max RssFile}
 
     def enter(self, name: str) -> None:
@@ -81,7 +84,9 @@ class PhaseTracker:
         self.rss_at_end[self.phase] = rss()
         self.file_rss_at_end[self.phase] = _status_kb("RssFile") * 1024
         self.resettable = reset_peak() and self.resettable
-        self.phase = name
+        now = time.perf_counter()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.since
+        self.phase, self.since = name, now
 
     def report(self) -> dict:
         self.enter("done")
@@ -93,6 +98,7 @@ class PhaseTracker:
             "file_rss_at_end": {k: v for k, v in self.file_rss_at_end.items() if k != "done"},
             "per_phase": self.resettable,  # False: each peak is the running peak since process start
             "sampled_peaks": self.sampled,
+            "seconds": {k: v for k, v in self.seconds.items() if k != "done"},
             "ru_maxrss_start": START_MAXRSS,
             "pid": os.getpid(),
         }

@@ -1,9 +1,10 @@
 """Per-rank peak host memory of FSDP2 with 2 processes vs one plain process (CPU, gloo).
 
 A params + optimizer dominated run: ``finetune`` of one trainable fp32 student of
-~143M parameters (the "20m" Wan transformer widened to 16 heads x 64, ffn 4096, 8
-blocks), AdamW, batch 1 of one-token latents (activations are negligible), a few
-iterations. Both runs are real ``train_distill.py`` runs on the same config file:
+~161M parameters (the "20m" Wan transformer widened to 10 heads x 64, ffn 2560, 24
+blocks: each block ~1/25 of the model, as in real Wan), AdamW, batch 1 of one-token
+latents (activations are negligible), 3 iterations. Both runs are real
+``train_distill.py`` runs on the same config file:
 
 * single: ``python benchmarks/fsdp_single.py --config run.yaml`` (no accelerate launch:
   one process, no sharding);
@@ -14,11 +15,18 @@ iterations. Both runs are real ``train_distill.py`` runs on the same config file
 Each process reports its RSS by phase (benchmarks/fsdp_memhook.py): ``baseline`` is
 the RSS just before the models load (torch, accelerate, the process group: about the
 same in every process and not what sharding can save); every other column is a phase
-peak minus that baseline. ``train`` is the peak over loading + all training
-iterations (forward, backward, clip, AdamW), what the headline compares; the run's
+peak minus that baseline. ``load+train`` is the peak over loading and all training
+iterations (forward, backward, clip, AdamW): what the headline compares. The run's
 final checkpoint and the export of the student are reported on their own (they
-write/gather full copies). ``theory`` is params + grads + AdamW's two moments,
-16 bytes per fp32 parameter held by the rank (FSDP2 dim-0 shards, padding included).
+write / gather full copies). ``theory`` is params + grads + AdamW's two moments, 16
+bytes per fp32 parameter held by the process (FSDP2 dim-0 shards, padding included).
+
+Both pairs of runs are made twice, under two glibc malloc settings (fsdp_common.py,
+``MALLOC_ENVS``): ``default``, where FSDP2's per-block all-gather / gradient /
+reduce-scatter buffers (a few to tens of MiB, allocated and freed every block) end up
+in the heap and fragment it, so freed memory stays resident; and ``mmap-1mib``, where
+each such buffer is its own mapping returned to the OS when freed, so RSS follows the
+live tensors.
 
     PYTHONPATH=. .venv/bin/python benchmarks/fsdp_memory.py
 """
@@ -101,10 +109,10 @@ COLUMNS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--heads", type=int, default=10, help="x 64 = hidden size")
     parser.add_argument("--ffn", type=int, default=2560)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument(
         "--malloc", nargs="+", choices=sorted(MALLOC_ENVS), default=["default", "mmap-1mib"], help="glibc settings"
     )
