@@ -25,10 +25,19 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tokenizers>=0.20",
+        # preprocessing (accel_distill.preprocess): video decoding (wheels bundle ffmpeg), images
+        "av>=12",
+        "pillow>=9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.3"],
+        "demo": ["scikit-learn>=1.3"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["accel-distill-train=accel_distill.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "accel-distill-train=accel_distill.cli:main",
+            "accel-distill-preprocess=accel_distill.preprocess.cli:main",
+        ]
+    },
 )

@@ -1,0 +1,222 @@
+"""Command line: ``python -m accel_distill.preprocess {videos,prompts,negative,validation} ...``.
+
+Also installed as the ``accel-distill-preprocess`` console script. ``videos`` and
+``prompts`` run under ``accelerate launch`` as well (each rank encodes its own
+shards); ``negative`` and ``validation`` write one small output and run on the
+main process only. User mistakes print one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from accel_distill.errors import ConfigError, UserError
+
+STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers folder or Hub id of the model (its VAE / text encoder)")
+    p.add_argument("--family", default="wan", help="model family (default: wan)")
+    p.add_argument("--revision", default=None, help="Hub revision of --model")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="precision the VAE and text encoder run in (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--text-max-length",
+        type=_positive(int),
+        default=512,
+        help="tokens per prompt at most (<= the training config's pipeline_config.text_max_length; default 512)",
+    )
+
+
+def _shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards (re-runs resume)")
+    p.add_argument("--rows-per-shard", type=_positive(int), default=64, help="rows per parquet file (default 64)")
+    p.add_argument("--row-group-size", type=_positive(int), default=64, help="rows per parquet row group (default 64)")
+    p.add_argument(
+        "--store-dtype",
+        choices=sorted(STORE_DTYPES),
+        default="fp32",
+        help="dtype the tensors are stored in, recorded in the *_dtype columns (default fp32, the only one "
+        "FastVideo's reader understands; bf16 halves the size and accel_distill reads it)",
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m accel_distill.preprocess",
+        description="Encode videos, images and prompts with a model family's own VAE and text encoder "
+        "into the project's parquet format (and prompt embedding files).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser(
+        "videos",
+        help="videos/images + captions -> parquet shards of latents and text embeddings",
+        description="Encode a folder (captions in same-name .txt files) or a CSV/JSONL manifest of videos and "
+        "images. Frames are taken from the start of each video at --fps; each frame is resized to cover "
+        "HEIGHTxWIDTH and centre-cropped; an image is a 1-frame clip. Unusable inputs are listed in "
+        "OUTPUT/skipped.jsonl (--strict: an error).",
+    )
+    v.add_argument("--input", required=True, help="a folder, or a .csv / .jsonl manifest (path + caption)")
+    _model_args(v)
+    _shard_args(v)
+    v.add_argument("--height", type=_positive(int), required=True, help="output height in pixels")
+    v.add_argument("--width", type=_positive(int), required=True, help="output width in pixels")
+    v.add_argument("--num-frames", type=_positive(int), default=81, help="frames per video, 4k+1 for Wan (default 81)")
+    v.add_argument("--fps", type=_positive(float), default=None, help="sampling frame rate (default: each video's own)")
+    v.add_argument("--media", choices=["all", "video", "image"], default="all", help="which inputs to encode")
+    v.add_argument("--strict", action="store_true", help="any unusable input is an error (exit 2)")
+    v.add_argument("--allow-empty-captions", action="store_true", help="encode inputs whose caption is empty")
+    v.add_argument("--vae-batch-size", type=_positive(int), default=1, help="clips per VAE call (default 1)")
+    v.add_argument(
+        "--decode-workers", type=int, default=2, help="threads decoding media ahead of the encoder (0: none)"
+    )
+
+    pr = sub.add_parser("prompts", help="a prompt list -> text-only parquet shards (for rollout_mode: simulate)")
+    pr.add_argument("--prompts", required=True, help=".txt (one per line), .json or .jsonl prompt list")
+    _model_args(pr)
+    _shard_args(pr)
+
+    n = sub.add_parser(
+        "negative", help="one prompt -> a [L, D] .safetensors for pipeline_config.negative_prompt_embeds"
+    )
+    n.add_argument("--prompt", default="", help='the negative prompt (default "")')
+    n.add_argument("--output", required=True, help="file to write, e.g. neg.safetensors")
+    _model_args(n)
+
+    va = sub.add_parser(
+        "validation",
+        help="validation prompts -> validation.json + per-prompt embeddings (training.validation_dataset_file)",
+    )
+    va.add_argument("--prompts", required=True, help=".txt (one per line), .json or .jsonl prompt list")
+    va.add_argument("--output", required=True, help="folder for validation.json and embeds/")
+    _model_args(va)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Dist:
+    """This process's place in the launch."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    barrier: object
+
+
+def distributed() -> Dist:
+    """``accelerate.PartialState`` when launched with several processes, else a single local process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return Dist(0, 1, device, lambda: None)
+
+
+def _settings(args: argparse.Namespace, digest: str, count: int) -> dict:
+    keys = ["command", "model", "family", "revision", "dtype", "text_max_length", "rows_per_shard", "store_dtype"]
+    keys += ["height", "width", "num_frames", "fps", "media", "allow_empty_captions"]
+    settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    return {**settings, "inputs": count, "inputs_digest": digest}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .encode import make_encoder, resolve_dtype
+    from .jobs import MediaJob, inputs_digest, preprocess_media, preprocess_prompts, write_negative, write_validation
+    from .manifest import discover, read_prompts
+    from .shards import ShardStore
+
+    dist = distributed()
+    if args.command in ("negative", "validation") and dist.rank != 0:
+        return 0  # one small output: the main process writes it
+    dtype = resolve_dtype(args.dtype, dist.device)
+    encoder = make_encoder(args.family, args.model, dtype=dtype, device=dist.device, revision=args.revision)
+
+    if args.command == "negative":
+        path = write_negative(encoder, args.prompt, args.output, text_max_length=args.text_max_length)
+        print(f"wrote {path} (pipeline_config.negative_prompt_embeds)")
+        return 0
+    if args.command == "validation":
+        path = write_validation(encoder, read_prompts(args.prompts), args.output, text_max_length=args.text_max_length)
+        print(f"wrote {path} (training.validation_dataset_file)")
+        return 0
+
+    store_dtype = STORE_DTYPES[args.store_dtype]
+    if args.command == "prompts":
+        prompts = read_prompts(args.prompts)
+        store = ShardStore(args.output, _settings(args, inputs_digest(prompts), len(prompts)))
+        store.check_settings(write=dist.rank == 0)
+        report = preprocess_prompts(
+            prompts,
+            encoder,
+            store,
+            rows_per_shard=args.rows_per_shard,
+            text_max_length=args.text_max_length,
+            store_dtype=store_dtype,
+            row_group_size=args.row_group_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            barrier=dist.barrier,
+        )
+    else:
+        encoder.check_video_size(args.height, args.width, args.num_frames)
+        items = discover(args.input, media=args.media, allow_empty_captions=args.allow_empty_captions)
+        if not items:
+            raise ConfigError(f"--input {args.input}: no {'media' if args.media == 'all' else args.media} files found")
+        store = ShardStore(args.output, _settings(args, inputs_digest(items), len(items)))
+        store.check_settings(write=dist.rank == 0)
+        job = MediaJob(
+            output=args.output,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            fps=args.fps,
+            rows_per_shard=args.rows_per_shard,
+            row_group_size=args.row_group_size,
+            text_max_length=args.text_max_length,
+            store_dtype=store_dtype,
+            strict=args.strict,
+            vae_batch_size=args.vae_batch_size,
+            decode_workers=max(0, args.decode_workers),
+        )
+        report = preprocess_media(
+            items, encoder, job, store, rank=dist.rank, world_size=dist.world_size, barrier=dist.barrier
+        )
+    if dist.rank == 0:
+        print(report.summary(args.output))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user mistakes print one ``error:`` line and return 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
