@@ -1,79 +1,106 @@
-"""``make demo``: build a tiny offline Wan pipeline and data, distill it with DMD2, sample the export.
+"""``make demo``: distill the committed digits teacher with DMD2, then sample teacher and student.
 
-Runs the real path end to end -- roles loaded from diffusers folders, parquet
-streamed, DMD2 trained, checkpointed, exported -- then samples the exported
-folder with stock ``WanPipeline`` at the trained step count. No download is needed.
+Runs the real path end to end -- roles loaded from the diffusers folder
+``models/digits-wan`` (a tiny Wan pipeline trained on scikit-learn's digits by
+``python -m accel_distill.digits.build``), parquet streamed, DMD2 trained,
+checkpointed, exported -- then loads the teacher and the exported student with
+stock ``WanPipeline`` and writes ``outputs/demo/samples.png``: one row per digit
+0-9; columns teacher 50 steps, teacher 4 steps, student 1, 2 and 4 steps.
+No download is needed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from accel_distill.cli import main as train_main
-from accel_distill.testing.datasets import write_synthetic_dataset
-from accel_distill.testing.tiny_wan import build_tiny_wan, perturb_transformer
 
-CONFIG = "configs/demo/dmd2_tiny.yaml"
+CONFIG = "configs/demo/dmd2_digits.yaml"
+TEACHER = Path("models/digits-wan")
 ROOT = Path("outputs/demo")
+TEACHER_GUIDANCE = 3.0  # the teacher samples with CFG; the student with none (guidance 1)
+COLUMNS = [("teacher", 50), ("teacher", 4), ("student", 1), ("student", 2), ("student", 4)]
 
 
-def build_assets() -> None:
-    """Model folders and parquet data the demo config points at (kept between runs)."""
-    if not (ROOT / "tiny-wan" / "model_index.json").exists():
-        build_tiny_wan(ROOT / "tiny-wan", seed=0)
-    if not (ROOT / "tiny-wan-teacher" / "model_index.json").exists():
-        build_tiny_wan(ROOT / "tiny-wan-teacher", seed=0)
-        perturb_transformer(ROOT / "tiny-wan-teacher", scale=0.05, seed=1)
-    if not (ROOT / "data").exists():
-        for shard in range(2):  # two shards, as a preprocessing job would write them
-            write_synthetic_dataset(ROOT / "data" / f"part-{shard:05d}.parquet", num_samples=32, seed=shard)
+def write_prompt_data(teacher: Path, out: Path, repeats: int = 8) -> Path:
+    """Text-only parquet (data-free DMD2): the ten captions encoded by the teacher's text encoder."""
+    from accel_distill.data.schema import write_parquet
+    from accel_distill.digits import caption
+    from accel_distill.families.wan import WanFamily
+
+    captions = [caption(d) for d in range(10)]
+    embeds = WanFamily.encode_prompts(None, str(teacher), captions, 16, torch.device("cpu"))
+    samples = [
+        dict(id=f"prompt-{d}-{r}", text_embedding=embeds[d].clone(), caption=captions[d])
+        for r in range(repeats)
+        for d in range(10)
+    ]
+    if out.exists():  # e.g. an older demo's latent shards: never mix them in
+        shutil.rmtree(out)
+    write_parquet(out / "part-00000.parquet", samples)
+    return out
 
 
-def sample_export(folder: Path) -> None:
-    """Sample the exported student with stock diffusers at its trained step count, as a user would."""
-    from diffusers import WanPipeline
+def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> dict[str, float]:
+    """The labelled samples grid; returns seconds per image for each column."""
+    from PIL import Image, ImageDraw
 
-    pipe = WanPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    info = json.loads((folder / "accel_distill_export.json").read_text())
-    n = info["num_inference_steps"]
-    seen = []
-    pipe.transformer.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(round(float(kw["timestep"][0]), 1)), with_kwargs=True
-    )
-    start = time.perf_counter()
-    video = pipe(
-        prompt="a handwritten digit one",
-        num_inference_steps=n,
-        guidance_scale=1.0,
-        height=32,
-        width=32,
-        num_frames=5,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).frames
-    print(f"export: {folder} ({type(pipe.scheduler).__name__})")
-    print(f"  trained timesteps       {info['timesteps']}")
-    print(f"  stock WanPipeline used  {seen}")
-    print(f"  {n}-step video {tuple(video.shape)} in {time.perf_counter() - start:.2f}s")
+    from accel_distill.digits.sample import generate, load_pipeline
+
+    pipes = {"teacher": load_pipeline(teacher), "student": load_pipeline(student)}
+    digits = list(range(10))
+    seeds = [seed * 1000 + d for d in digits]
+    cols, times = [], {}
+    for who, steps in COLUMNS:
+        start = time.perf_counter()
+        g = TEACHER_GUIDANCE if who == "teacher" else 1.0
+        cols.append(generate(pipes[who], digits, seeds, steps=steps, guidance_scale=g))
+        times[f"{who} {steps}"] = (time.perf_counter() - start) / len(digits)
+    cell, pad, left, top = 64, 6, 60, 34
+    w = left + len(COLUMNS) * (cell + pad)
+    h = top + len(digits) * (cell + pad)
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (who, steps) in enumerate(COLUMNS):
+        x = left + c * (cell + pad)
+        draw.text((x, 4), who, fill="black")
+        draw.text((x, 17), f"{steps} step{'s' if steps > 1 else ''}", fill="black")
+        for r in digits:
+            img = Image.fromarray(cols[c][r]).resize((cell, cell), Image.NEAREST).convert("RGB")
+            canvas.paste(img, (x, top + r * (cell + pad)))
+    for r in digits:
+        draw.text((6, top + r * (cell + pad) + cell // 2 - 6), f'"{r}"', fill="black")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png)
+    return times
 
 
 def main() -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    build_assets()
+    if not (TEACHER / "model_index.json").exists():
+        print(f"error: {TEACHER} missing; rebuild it with python -m accel_distill.digits.build", file=sys.stderr)
+        return 2
+    write_prompt_data(TEACHER, ROOT / "data")
     start = time.perf_counter()
     code = train_main(["--config", CONFIG, *sys.argv[1:]])
     if code != 0:
         return code
-    print(f"trained in {time.perf_counter() - start:.1f}s; metrics in outputs/demo/run/logs/metrics.jsonl")
-    sample_export(ROOT / "run" / "export")
+    print(f"distilled in {time.perf_counter() - start:.1f}s; metrics in {ROOT}/run/logs/metrics.jsonl")
+    export = ROOT / "run" / "export"
+    info = json.loads((export / "accel_distill_export.json").read_text())
+    print(f"export: {export} (trained timesteps {info['timesteps']})")
+    times = sample_grid(TEACHER, export, ROOT / "samples.png")
+    print(f"wrote {ROOT / 'samples.png'}; seconds per image: " + ", ".join(f"{k}: {v:.3f}" for k, v in times.items()))
     return 0
 
 
 if __name__ == "__main__":
+    np.set_printoptions(precision=3)
     sys.exit(main())

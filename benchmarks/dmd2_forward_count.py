@@ -209,10 +209,19 @@ def main() -> None:
     )
     print(
         "\nExpected per cycle, K iterations, n steps, B rows:\n"
-        f"  ours      student K*(1 + (n-1)/2) = {ours['student'][0]:g} (rollout stops at the drawn exit index; the "
-        "update iteration's critic reuses the student sample), teacher 1 call of 2B (CFG batched), critic 1 + K\n"
-        f"  FastVideo student (K+1)*n = {fv['student'][0]:g} (a second rollout for the fake-score loss every "
-        "iteration, all n-1 no-grad steps always run), teacher 2 calls of B (cond, uncond), critic 1 + K"
+        + (
+            f"  ours      student K*(1 + (n-1)/2) = {ours['student'][0]:g} (rollout stops at the drawn exit index; "
+            if a.mode == "simulate"
+            else f"  ours      student K = {ours['student'][0]:g} (one forward on noised data per iteration; "
+        )
+        + "the update iteration's critic reuses the student sample), teacher 1 call of 2B (CFG batched), critic 1 + K\n"
+        + (
+            f"  FastVideo student (K+1)*n = {fv['student'][0]:g} (a second rollout for the fake-score loss every "
+            "iteration, all n-1 no-grad steps always run)"
+            if a.mode == "simulate"
+            else f"  FastVideo student K+1 = {fv['student'][0]:g} (a second student forward for the fake-score loss)"
+        )
+        + ", teacher 2 calls of B (cond, uncond), critic 1 + K"
     )
     call_ratio, row_ratio = tot["m_calls"] / tot["f_calls"], tot["m_rows"] / tot["f_rows"]
     exp_call, exp_row = tot["e_calls"] / tot["f_calls"], tot["e_rows"] / tot["f_rows"]

@@ -3,7 +3,7 @@
 T_iter is the wall time of a full ``Trainer.step()`` on a real runtime (config
 file -> ``load_config`` -> ``build_runtime``): next batch from the parquet
 stream, host->device move, ``DMD2Method.train_step`` through the adapter, one
-backward, grad clipping through accelerate, the non-finite guard, the AdamW +
+backward, grad clipping, the non-finite guard, the AdamW +
 LR-scheduler steps and ``zero_grad``.
 
 T_parts is the time of the unavoidable pieces of that same iteration, each
@@ -30,8 +30,9 @@ alike. The headline is ratio (paired) = median_i T_iter_i / T_parts_i; also
 shown: the same with T_parts_i built from each part's median over the whole run
 (the "summed medians" definition), and T_iter - T_parts in ms, which does not
 shrink with model size the way the ratio does. A last table times framework
-pieces (accelerate's clip / optimizer wrappers, LR scheduler, data, non-finite
-guard) against plain-torch equivalents to show where the difference goes.
+pieces (accelerate's optimizer wrapper, LR scheduler, data, non-finite guard,
+per-sample noise streams) against plain-torch equivalents to show where the
+difference goes.
 
 Many-threaded CPU runs on a loaded machine inflate every small op (an OpenMP
 parallel region waits for a descheduled thread), which hurts the op-rich trainer
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -242,18 +244,12 @@ class Pieces:
     def __init__(self, bench: Bench):
         from accel_distill.trainer.loop import move_to
 
-        rt, trainer = bench.rt, bench.trainer
+        rt, trainer, method = bench.rt, bench.trainer, bench.method
         acc, h = rt.accelerator, rt.bundle["critic"]
-        params = list(h.transformer.parameters())
-        limit = h.max_grad_norm if h.max_grad_norm is not None else math.inf
         raw_opt = getattr(h.optimizer, "optimizer", h.optimizer)
-        self.bench, self.device = bench, rt.method.device
+        self.bench, self.device = bench, method.device
         metrics = [torch.tensor(float(i), device=self.device) for i in range(5)]  # a student iteration logs 5
         self.pairs: dict[str, tuple] = {
-            "clip_grad_norm_ (accelerate / torch)": (
-                lambda: acc.clip_grad_norm_(params, limit),
-                lambda: torch.nn.utils.clip_grad_norm_(params, limit),
-            ),
             "AdamW step (AcceleratedOptimizer / torch)": (h.optimizer.step, raw_opt.step),
             "LR scheduler step (LambdaLR / none)": (h.lr_scheduler.step, lambda: None),
             "next batch + move_to (LatentStream / none)": (
@@ -266,11 +262,28 @@ class Pieces:
                 lambda: trainer._all_finite(metrics),
                 lambda: bool(torch.isfinite(torch.stack(metrics)).all().item()),
             )
+        if hasattr(method, "sample_noise"):
+            batch = move_to(next(trainer.batches), acc.device)
+            x, b, n = bench.parts.x, bench.parts.x.shape[0], len(method.timesteps)
+            gen = torch.Generator(self.device).manual_seed(0)
+
+            def per_sample() -> None:  # the draws of a data-mode student-update iteration
+                rng = method.sample_noise(batch)
+                rng.randint(n), rng.randn_like(x), rng.rand(), rng.randn_like(x), rng.rand(), rng.randn_like(x)
+
+            def one_generator() -> None:
+                torch.randint(n, (b,), generator=gen, device=self.device)
+                for _ in range(3):
+                    torch.randn(x.shape, generator=gen, device=self.device)
+                for _ in range(2):
+                    torch.rand(b, generator=gen, device=self.device)
+
+            self.pairs["noise of one iteration (per-sample SampleNoise / one generator)"] = (per_sample, one_generator)
         self.times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in self.pairs}
         self.n = 0
 
     def run(self) -> None:
-        self.bench.parts.fn("critic_fwd_bwd")()  # gradients for clip / step
+        self.bench.parts.fn("critic_fwd_bwd")()  # gradients for the optimizer step
         first = self.n % 2  # alternate which side goes first
         for name, fns in self.pairs.items():
             for side in (first, 1 - first):
@@ -298,7 +311,7 @@ def main() -> None:
     p.add_argument("--pieces", type=int, default=None, help="framework-piece A/B samples per repeat (0: skip)")
     a = p.parse_args()
     iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
-    repeats = a.repeats if a.repeats is not None else {"tiny": 12, "20m": 10}[a.size]
+    repeats = a.repeats if a.repeats is not None else {"tiny": 12, "20m": 6}[a.size]
     n_pieces = a.pieces if a.pieces is not None else {"tiny": 4, "20m": 1}[a.size]
     if iters < 2 or iters % 2:
         p.error("--iters must be even (student-update and critic-only iterations alternate)")
@@ -324,6 +337,7 @@ def main() -> None:
             if pieces is not None:
                 for _ in range(n_pieces):
                     pieces.run()
+            print(f"repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
 
         dev = benches[0].method.device
         shape = SIZES[a.size]["latent_shape"]
