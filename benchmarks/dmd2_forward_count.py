@@ -145,7 +145,7 @@ def main() -> None:
     fv = fastvideo_expected(k_int, n, a.guidance, a.mode)
     n_cycles = len(counter.cycles)
     print(
-        f"\n## DMD2 transformer forwards per cycle: K={k_int} iterations per cycle (1 student update), "
+        f"\n### DMD2 transformer forwards per cycle: K={k_int} iterations per cycle (1 student update), "
         f"{n}-step schedule {steps}, rollout {a.mode}, CFG g={a.guidance}, batch B={bs}, size={a.size}, "
         f"{n_cycles} cycles measured\n"
     )

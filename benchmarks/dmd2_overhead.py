@@ -311,7 +311,7 @@ def main() -> None:
     p.add_argument("--pieces", type=int, default=None, help="framework-piece A/B samples per repeat (0: skip)")
     a = p.parse_args()
     iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
-    repeats = a.repeats if a.repeats is not None else {"tiny": 12, "20m": 6}[a.size]
+    repeats = a.repeats if a.repeats is not None else {"tiny": 8, "20m": 6}[a.size]
     n_pieces = a.pieces if a.pieces is not None else {"tiny": 4, "20m": 1}[a.size]
     if iters < 2 or iters % 2:
         p.error("--iters must be even (student-update and critic-only iterations alternate)")
@@ -342,7 +342,7 @@ def main() -> None:
         dev = benches[0].method.device
         shape = SIZES[a.size]["latent_shape"]
         print(
-            f"\n## DMD2 iteration overhead: size={a.size}, latent {list(shape)}, batch {SIZES[a.size]['batch_size']}, "
+            f"\n### DMD2 iteration overhead: size={a.size}, latent {list(shape)}, batch {SIZES[a.size]['batch_size']}, "
             f"device {dev}, {torch.get_num_threads()} threads, {repeats} repeats x {iters} iterations per mode, "
             f"student every {INTERVAL}, {len(STEPS)}-step schedule\n"
         )

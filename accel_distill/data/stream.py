@@ -100,7 +100,7 @@ class LatentStream:
     """Endless iterator of collated batches with an exactly resumable position.
 
     Yields ``{"latents": [B,C,T,H,W], "text_embeds": [B, text_max_length, D],
-    "ids": [...], "captions": [...], "sample_keys": [B, 2]}`` with tensors in their
+    "ids": [...], "captions": [...], "sample_keys": [(epoch, row), ...]}`` with tensors in their
     stored dtype (``sample_keys`` is each sample's (epoch, global row));
     ``latents`` is absent for text-only data. Text embeddings are zero-padded at
     the end, as diffusers' WanPipeline pads prompt embeds. The last incomplete
@@ -299,9 +299,8 @@ class LatentStream:
                     rows = order[index + mine : index + mine + bs]
                     batch = reader.batch(rows)
                     # (epoch, global row) per sample: keys per-sample random streams downstream
-                    batch["sample_keys"] = torch.stack(
-                        [torch.full((bs,), epoch, dtype=torch.int64), torch.as_tensor(rows, dtype=torch.int64)], dim=1
-                    )
+                    # a plain list: it stays on the host when the batch moves to the device (no sync to read it)
+                    batch["sample_keys"] = [(epoch, int(r)) for r in rows]
                     index += gb
                     after = (epoch, index) if index + gb <= len(order) else (epoch + 1, 0)
                     yield after, batch

@@ -43,14 +43,22 @@ class WanAdapter(FlowMatchAdapter):
         super().__init__(flow_shift, latent_channels)
         self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) on ``device``, copied there once (a host-to-device copy per step would sync)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.latents_mean.to(device), self.latents_std.to(device))
+        return self._on_device[device]
 
     def normalize_latents(self, raw: torch.Tensor) -> torch.Tensor:
         # WanPipeline decodes with latents * std + mean, so training sees (raw - mean) / std.
-        mean, std = self.latents_mean.to(raw.device), self.latents_std.to(raw.device)
+        mean, std = self._stats(raw.device)
         return (raw.float() - mean) / std
 
     def denormalize_latents(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() * self.latents_std.to(x.device) + self.latents_mean.to(x.device)
+        mean, std = self._stats(x.device)
+        return x.float() * std + mean
 
     def _forward(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return role.transformer(

@@ -35,11 +35,11 @@ class SampleNoise:
     state to checkpoint. Draws are float32 and stacked along the batch.
     """
 
-    def __init__(self, seed: int, sample_keys: torch.Tensor, device: torch.device):
+    def __init__(self, seed: int, sample_keys, device: torch.device):
         self.device = device
+        keys = sample_keys.tolist() if torch.is_tensor(sample_keys) else sample_keys
         self.gens = [
-            torch.Generator(device).manual_seed(derived_seed(seed, PRIVATE_STREAM, epoch, row))
-            for epoch, row in sample_keys.tolist()
+            torch.Generator(device).manual_seed(derived_seed(seed, PRIVATE_STREAM, epoch, row)) for epoch, row in keys
         ]
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -86,7 +86,8 @@ class DistillMethod(ABC):
         # Per-sample noise comes from SampleNoise; this stream is identical on every rank,
         # for choices that change the compute graph (sharded models need the same
         # forwards on every rank).
-        self.shared_gen = torch.Generator(device).manual_seed(derived_seed(self.seed, SHARED_STREAM))
+        # On the CPU: reading a draw from it never waits for the accelerator.
+        self.shared_gen = torch.Generator().manual_seed(derived_seed(self.seed, SHARED_STREAM))
         # One sample's latent [C, T, H, W] for data-free rollouts; set from pipeline_config.
         self.latent_shape: tuple[int, ...] | None = None
 
@@ -179,7 +180,7 @@ class DistillMethod(ABC):
 
     def shared_randint(self, high: int) -> int:
         """One draw that every rank makes identically."""
-        return int(torch.randint(high, (1,), generator=self.shared_gen, device=self.device))
+        return int(torch.randint(high, (1,), generator=self.shared_gen))
 
     def negative_like(self, cond: torch.Tensor) -> torch.Tensor:
         """The negative-prompt embedding broadcast to ``cond``'s batch."""

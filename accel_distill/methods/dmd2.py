@@ -194,7 +194,7 @@ class DMD2Method(DistillMethod):
             neg = self.negative_like(cond) if g != 1.0 else None
             real_x0 = self.adapter.predict_x0_cfg(self.bundle["teacher"], x_t, t, cond, neg, g)
             grad = dmd_gradient(x0.detach(), fake_x0, real_x0)
-        return dmd_pseudo_loss(x0, grad), {"dmd_timesteps": t, "dmd_grad_norm": grad.norm().detach()}
+        return dmd_pseudo_loss(x0, grad), {"dmd_timesteps": t}
 
     def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor, rng: SampleNoise) -> torch.Tensor:
         x0 = x0.detach()

@@ -118,8 +118,9 @@ class Trainer:
         return norms
 
     def _all_finite(self, values: list[torch.Tensor]) -> bool:
-        bad = torch.tensor(float(not all(torch.isfinite(v).all() for v in values)), device=self.acc.device)
-        return bool(self.acc.reduce(bad, reduction="sum").item() == 0)  # every rank decides alike
+        stacked = torch.stack([v.detach().reshape(()).float().to(self.acc.device) for v in values])
+        bad = (~torch.isfinite(stacked)).any().float()
+        return bool(self.acc.reduce(bad, reduction="sum").item() == 0)  # one sync; every rank decides alike
 
     def _log(self, metrics: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
         names = sorted(metrics)
