@@ -1,0 +1,217 @@
+"""Rebuild the embedded default model ``models/digits-wan`` from scratch.
+
+    python -m accel_distill.digits.build --out models/digits-wan
+
+Stages (each one's output lands under ``--work``, default ``outputs/digits_build``):
+
+1. ``vae``: train a small ``AutoencoderKLWan`` on the training split (accel_distill.digits.vae);
+2. ``base``: a complete ``WanPipeline`` folder -- that VAE, a tiny random UMT5 text
+   encoder with a word-level tokenizer over the caption words, a random
+   ``WanTransformer3DModel`` and a flow-matching UniPC scheduler;
+3. ``data``: the digits (train / held-out split fixed by seed) encoded into the
+   project's parquet (un-normalised VAE latents + text embeddings);
+4. ``teacher``: this project's own ``finetune`` recipe, ``configs/digits/teacher_finetune.yaml``,
+   run in-process through ``accel_distill.cli.main``; its export is copied to ``--out``.
+
+``--fast`` shrinks every step count (the test of this recipe uses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from accel_distill.digits import DIGIT_WORDS, caption
+
+TEACHER_CONFIG = "configs/digits/teacher_finetune.yaml"
+TEXT_MAX_LENGTH = 16  # also pass max_sequence_length=16 to WanPipeline when sampling
+FLOW_SHIFT = 3.0
+TEXT_DIM = 32
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 1, 1),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=TEXT_DIM,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "an", "the", "handwritten", "digit", "number", *DIGIT_WORDS]
+    words += "zero one two three four five six seven eight nine".split()
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_text_encoder(vocab_size: int, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab_size,
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def build_base(path: Path, vae, seed: int = 0) -> Path:
+    """Complete WanPipeline folder with the trained VAE and random text encoder / transformer."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = make_tokenizer()
+    text_encoder = make_text_encoder(len(tokenizer), seed)
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def encode_split(base: Path, split: str, out: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """Encode one split of the digits to ``out/part-00000.parquet`` in the project's schema."""
+    from diffusers import AutoencoderKLWan
+
+    from accel_distill.data.schema import write_parquet
+    from accel_distill.digits.data import load_split
+    from accel_distill.digits.vae import encode_mean
+    from accel_distill.families.wan import WanFamily
+
+    data = load_split(split, seed=seed)
+    images, labels, idx = data.images, data.labels, data.indices
+    if limit is not None:
+        images, labels, idx = images[:limit], labels[:limit], idx[:limit]
+    vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae")
+    latents = encode_mean(vae, images)  # raw latents: training normalises with the VAE config's mean/std
+    captions = [caption(int(y)) for y in labels]
+    # the family's own prompt encoder (the same code path the trainer uses for negative prompts)
+    embeds = WanFamily.encode_prompts(None, str(base), sorted(set(captions)), TEXT_MAX_LENGTH, torch.device("cpu"))
+    by_caption = dict(zip(sorted(set(captions)), embeds))
+    S = images.shape[-1]
+    samples = [
+        dict(
+            id=f"digits-{int(i):04d}",
+            latent=latents[k].clone(),
+            text_embedding=by_caption[c].clone(),
+            caption=c,
+            file_name=f"sklearn_digits/{int(i)}",
+            media_type="image",
+            width=S,
+            height=S,
+            num_frames=1,
+        )
+        for k, (i, c) in enumerate(zip(idx, captions))
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / "part-00000.parquet", samples)
+    return out
+
+
+def train_teacher(work: Path, fast: bool) -> Path:
+    from accel_distill.cli import main as train_main
+
+    run = work / "teacher_run"
+    overrides = [
+        f"roles.student.path={work / 'base'}",
+        f"training.data_path={work / 'data' / 'train'}",
+        f"training.output_dir={run}",
+    ]
+    if fast:
+        overrides += ["training.max_train_steps=4", "training.checkpointing_steps=2", "training.train_batch_size=8"]
+    code = train_main(["--config", TEACHER_CONFIG, *overrides])
+    if code != 0:
+        raise SystemExit(f"teacher finetune failed with exit code {code}")
+    return run / "export"
+
+
+def build(out: Path, work: Path, *, fast: bool = False, vae_steps: int = 700, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLWan
+
+    from accel_distill.digits.data import load_split
+    from accel_distill.digits.vae import train_vae
+
+    start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "vae" / "config.json").exists():
+        train = load_split("train", seed=seed)
+        vae = train_vae(train.images, steps=3 if fast else vae_steps, batch_size=8 if fast else 32, seed=seed)
+        vae.save_pretrained(work / "vae")
+    print(f"[digits] vae ready ({time.perf_counter() - start:.0f}s)")
+    vae = AutoencoderKLWan.from_pretrained(work / "vae")
+    if not (work / "base" / "model_index.json").exists():
+        build_base(work / "base", vae, seed=seed)
+    limit = 64 if fast else None
+    for split in ("train", "held_out"):
+        if not (work / "data" / split / "part-00000.parquet").exists():
+            encode_split(work / "base", split, work / "data" / split, seed=seed, limit=limit)
+    print(f"[digits] base pipeline and parquet ready ({time.perf_counter() - start:.0f}s)")
+    export = train_teacher(work, fast)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(export, out)
+    (out / "digits_build.json").write_text(
+        json.dumps(
+            {
+                "built_by": "python -m accel_distill.digits.build",
+                "teacher_config": TEACHER_CONFIG,
+                "image_size": int(vae.config.get("scale_factor_spatial", 8)) * 2,
+                "text_max_length": TEXT_MAX_LENGTH,
+                "caption": "a handwritten digit N",
+                "split_seed": seed,
+                "fast": fast,
+            },
+            indent=2,
+        )
+    )
+    print(f"[digits] teacher written to {out} ({time.perf_counter() - start:.0f}s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m accel_distill.digits.build", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="models/digits-wan")
+    p.add_argument("--work", default="outputs/digits_build")
+    p.add_argument("--fast", action="store_true", help="few steps of everything (tests)")
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    build(Path(a.out), Path(a.work), fast=a.fast, vae_steps=a.vae_steps, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

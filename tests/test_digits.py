@@ -1,0 +1,94 @@
+"""The digits default model: data split, parquet encoding, the rebuild recipe (few steps), demo grid mechanics.
+
+Quality is measured by benchmarks/quality.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from accel_distill.digits import caption  # noqa: E402
+from accel_distill.digits.data import load_split  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_split_is_fixed_by_seed_and_disjoint():
+    train, held = load_split("train", seed=0), load_split("held_out", seed=0)
+    assert len(train.labels) + len(held.labels) == 1797
+    assert not set(train.indices) & set(held.indices)
+    assert np.array_equal(load_split("train", seed=0).indices, train.indices)
+    assert not np.array_equal(load_split("train", seed=1).indices, train.indices)
+    assert train.images.shape[1:] == (3, 1, 16, 16)
+    assert train.images.min() >= -1 and train.images.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def fast_build(tmp_path_factory):
+    from accel_distill.digits.build import build
+
+    tmp = tmp_path_factory.mktemp("digits")
+    out = build(tmp / "model", tmp / "work", fast=True)
+    return out, tmp / "work"
+
+
+@pytest.mark.timeout(600)
+def test_rebuild_recipe_runs(fast_build):
+    out, work = fast_build
+    index = json.loads((out / "model_index.json").read_text())
+    for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert index[name][0] is not None and (out / name).is_dir()
+    vae_cfg = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_cfg["_class_name"] == "AutoencoderKLWan" and len(vae_cfg["latents_mean"]) == vae_cfg["z_dim"]
+    assert (work / "teacher_run" / "export" / "model_index.json").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_parquet_holds_labelled_latents(fast_build):
+    from accel_distill.data.schema import bytes_to_tensor
+
+    _, work = fast_build
+    table = pq.read_table(work / "data" / "train" / "part-00000.parquet").to_pylist()
+    train = load_split("train", seed=0)
+    assert len(table) == 64
+    for k, row in enumerate(table[:8]):
+        lat = bytes_to_tensor(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"])
+        emb = bytes_to_tensor(row["text_embedding_bytes"], row["text_embedding_shape"], row["text_embedding_dtype"])
+        assert tuple(lat.shape) == (16, 1, 2, 2) and tuple(emb.shape) == (16, 32)
+        assert row["caption"] == caption(int(train.labels[k]))
+    embs = {r["caption"]: r["text_embedding_bytes"] for r in table}
+    assert len(embs) > 1 and len(set(embs.values())) == len(embs)  # different prompts, different embeddings
+
+
+@pytest.mark.timeout(600)
+def test_demo_grid_from_stock_pipeline(fast_build, tmp_path):
+    from PIL import Image
+
+    from accel_distill.demo import COLUMNS, sample_grid
+    from accel_distill.digits.sample import generate, load_pipeline
+
+    out, _ = fast_build
+    pipe = load_pipeline(out)
+    imgs = generate(pipe, [3, 7], [0, 1], steps=2)
+    assert imgs.shape == (2, 16, 16) and imgs.dtype == np.uint8
+    times = sample_grid(out, out, tmp_path / "samples.png")
+    assert len(times) == len(COLUMNS)
+    w, h = Image.open(tmp_path / "samples.png").size
+    assert w > 5 * 64 and h > 10 * 64
+
+
+def test_committed_model_is_complete():
+    model = ROOT / "models" / "digits-wan"
+    if not (model / "model_index.json").exists():
+        pytest.skip("models/digits-wan not present")
+    total = sum(f.stat().st_size for f in (ROOT / "models").rglob("*") if f.is_file())
+    assert total <= 30 * 2**20
+    assert torch.load is not None and (model / "transformer" / "config.json").is_file()
