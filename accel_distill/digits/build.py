@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from accel_distill.digits import DIGIT_WORDS, caption
+from accel_distill.testing.tiny_wan import save_pipeline, tiny_text_encoder, word_tokenizer
 
 TEACHER_CONFIG = "configs/digits/teacher_finetune.yaml"
 TEXT_MAX_LENGTH = 16  # also pass max_sequence_length=16 to WanPipeline when sampling
@@ -50,55 +51,22 @@ TRANSFORMER_CONFIG = dict(
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "</s>", "<unk>", "a", "an", "the", "handwritten", "digit", "number", *DIGIT_WORDS]
-    words += "zero one two three four five six seven eight nine".split()
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def make_text_encoder(vocab_size: int, seed: int = 0):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab_size,
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    words = ["a", "an", "the", "handwritten", "digit", "number", *DIGIT_WORDS]
+    return word_tokenizer(words + "zero one two three four five six seven eight nine".split())
 
 
 def build_base(path: Path, vae, seed: int = 0) -> Path:
     """Complete WanPipeline folder with the trained VAE and random text encoder / transformer."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
 
     tokenizer = make_tokenizer()
-    text_encoder = make_text_encoder(len(tokenizer), seed)
+    torch.manual_seed(seed)
+    text_encoder = tiny_text_encoder(len(tokenizer), TEXT_DIM)
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
+    return save_pipeline(
+        path, transformer=transformer, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, flow_shift=FLOW_SHIFT
     )
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-    )
-    pipe.save_pretrained(path)
-    return path
 
 
 def encode_split(base: Path, split: str, out: Path, seed: int = 0, limit: int | None = None) -> Path:

@@ -35,34 +35,25 @@ def tiny_transformer_config(size: str = "tiny") -> dict:
     return base
 
 
-def _tiny_tokenizer():
+def word_tokenizer(words: list[str]):
+    """A WordLevel tokenizer over ``words`` (after the special tokens), loadable by AutoTokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(40)]
-    words += "a an the of handwritten digit cat dog video photo red blue green one two three".split()
-    vocab = {w: i for i, w in enumerate(words[:64])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    vocab = ["<pad>", "</s>", "<unk>"] + [w for w in dict.fromkeys(words) if w not in ("<pad>", "</s>", "<unk>")]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_wan(path: str | Path, *, size: str = "tiny", seed: int = 0, flow_shift: float = 3.0) -> Path:
-    """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def tiny_text_encoder(vocab_size: int, d_model: int):
+    """A random 2-layer UMT5 encoder: different prompts give different embeddings."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    path = Path(path)
-    torch.manual_seed(seed)
-    cfg = tiny_transformer_config(size)
-    transformer = WanTransformer3DModel(**cfg)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    text_encoder = UMT5EncoderModel(
+    return UMT5EncoderModel(
         UMT5Config(
-            vocab_size=64,
-            d_model=cfg["text_dim"],
+            vocab_size=vocab_size,
+            d_model=d_model,
             d_kv=8,
             d_ff=64,
             num_layers=2,
@@ -76,14 +67,46 @@ def build_tiny_wan(path: str | Path, *, size: str = "tiny", seed: int = 0, flow_
             decoder_start_token_id=0,
         )
     )
+
+
+def save_pipeline(path: str | Path, *, transformer, vae, tokenizer, text_encoder, flow_shift: float) -> Path:
+    """Save a WanPipeline folder with Wan's own scheduler (UniPC, flow prediction)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
     )
     pipe = WanPipeline(
-        tokenizer=_tiny_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
     )
     pipe.save_pretrained(path)
-    return path
+    return Path(path)
+
+
+WORDS = [
+    f"w{i}" for i in range(40)
+] + "a an the of handwritten digit cat dog video photo red blue green one two three".split()
+
+
+def build_tiny_wan(path: str | Path, *, size: str = "tiny", seed: int = 0, flow_shift: float = 3.0) -> Path:
+    """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    cfg = tiny_transformer_config(size)
+    transformer = WanTransformer3DModel(**cfg)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    tokenizer = word_tokenizer(WORDS)
+    return save_pipeline(
+        path,
+        transformer=transformer,
+        vae=vae,
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(64, cfg["text_dim"]),
+        flow_shift=flow_shift,
+    )
 
 
 def perturb_transformer(path: str | Path, *, scale: float = 0.05, seed: int = 1) -> None:
