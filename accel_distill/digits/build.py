@@ -125,7 +125,7 @@ def train_teacher(work: Path, fast: bool) -> Path:
     return run / "export"
 
 
-def build(out: Path, work: Path, *, fast: bool = False, vae_steps: int = 700, seed: int = 0) -> Path:
+def build(out: Path, work: Path, *, fast: bool = False, vae_steps: int = 2000, seed: int = 0) -> Path:
     from diffusers import AutoencoderKLWan
 
     from accel_distill.digits.data import load_split
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="models/digits-wan")
     p.add_argument("--work", default="outputs/digits_build")
     p.add_argument("--fast", action="store_true", help="few steps of everything (tests)")
-    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
