@@ -30,6 +30,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.fsdp_common import (
     MALLOC_ENVS,
     big_transformer_config,
@@ -45,32 +46,12 @@ from benchmarks.fsdp_common import (
 
 
 def dmd2_config(student: Path, teacher: Path, data: Path, out: Path) -> dict:
-    return {
-        "recipe": {"family": "wan", "method": "dmd2"},
-        "roles": {
-            "student": {"path": str(student), "trainable": True},
-            "teacher": {"path": str(teacher), "trainable": False},
-            "critic": {"path": str(student), "trainable": True, "learning_rate": 2e-4, "betas": [0.0, 0.99]},
-        },
-        "training": {
-            "output_dir": str(out),
-            "data_path": str(data),
-            "seed": 3,
-            "max_train_steps": 1,
-            "train_batch_size": 1,
-            "learning_rate": 1e-5,
-            "checkpointing_steps": 1_000_000,
-            "dataloader_num_workers": 0,
-            "mixed_precision": "no",
-        },
-        "pipeline_config": {"flow_shift": 3.0, "text_max_length": 16},
-        "method_config": {
-            "rollout_mode": "data",
-            "dmd_denoising_steps": [1000, 757, 522],
-            "generator_update_interval": 1,
-            "real_score_guidance_scale": 3.0,
-        },
-    }
+    """The benchmarks' dmd2 config, one iteration, batch 1, read inline: only loading matters here."""
+    cfg = common.dmd2_config(
+        student, teacher, data, out, batch_size=1, rollout_mode="data", steps=[1000, 757, 522], interval=1, prefetch=0
+    )
+    cfg["training"]["max_train_steps"] = 1
+    return cfg
 
 
 def load_stats(rep: dict) -> dict:
