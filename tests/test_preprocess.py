@@ -210,6 +210,27 @@ def test_strict_and_bad_settings_are_one_error_line(capsys, tmp_path, media, tin
     assert code == 2 and "different settings" in err and "fps" in err
 
 
+def test_family_without_an_encoder_is_one_error_line(capsys, monkeypatch, tmp_path, media, tiny_wan):
+    """Preprocessing asks the registered family for its encoder (Family.media_encoder): a family
+    that has none, or an unknown one, is refused by name before anything is written."""
+    from accel_distill.families.base import Family
+    from accel_distill.registry import FAMILIES, load_builtins
+
+    load_builtins()
+
+    class NoEncoder(Family):  # registered only for this test
+        name = "no_encoder"
+        load_module = make_adapter = encode_prompts = latent_shape = None
+
+    monkeypatch.setitem(FAMILIES, "no_encoder", NoEncoder)
+    args = ["videos", "--input", media, "--model", tiny_wan, "--output", tmp_path / "o", *SIZE]
+    code, _, err = run_main(capsys, *args, "--family", "no_encoder")
+    assert code == 2 and "--family 'no_encoder': no preprocessing encoder" in err
+    code, _, err = run_main(capsys, *args, "--family", "wann")
+    assert code == 2 and "unknown family" in err and "wan" in err
+    assert not (tmp_path / "o").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,10 +9,13 @@ conversions), so a method never touches a model's call signature.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from accel_distill.config.schema import RoleConfig, RunConfig
+from accel_distill.errors import ConfigError
 from accel_distill.roles import RoleHandle
 
 
@@ -107,6 +110,28 @@ class FlowMatchAdapter(ABC):
         return x
 
 
+class MediaEncoder(Protocol):
+    """A family's VAE + text encoder for preprocessing (``python -m accel_distill.preprocess``).
+
+    Latents are the VAE posterior's mode, un-normalised (training normalises);
+    text embeddings hold the real tokens only, ``[L, D]`` (readers zero-pad).
+    """
+
+    source: str
+
+    def check_video_size(self, height: int, width: int, num_frames: int) -> None:
+        """ConfigError unless the model can encode clips of this size."""
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """The stored latent's shape for a clip of this size."""
+
+    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, F, H, W]`` in [-1, 1] -> un-normalised latents, on CPU."""
+
+    def encode_text(self, prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:
+        """One ``[L_i, D]`` embedding per prompt (real tokens, at least one row), on CPU."""
+
+
 class Family(ABC):
     """Loads one model family's roles and builds its adapter. Subclass and register."""
 
@@ -129,6 +154,13 @@ class Family(ABC):
     @abstractmethod
     def make_adapter(self, source: str) -> FlowMatchAdapter:
         """The adapter for models loaded from ``source`` (normalisation, shift, channels)."""
+
+    @classmethod
+    def media_encoder(
+        cls, source: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None
+    ) -> MediaEncoder:
+        """The preprocessing encoder for models from ``source`` (lazy: weights load on first use)."""
+        raise ConfigError(f"--family {cls.name!r}: no preprocessing encoder for this family yet")
 
     @abstractmethod
     def encode_prompts(self, source: str, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:

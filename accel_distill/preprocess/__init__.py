@@ -11,21 +11,19 @@
 Sharding, resume and the skipped-input report are described in :mod:`.shards`.
 """
 
-from .encode import ENCODERS, WanEncoder, make_encoder
+from .encode import make_encoder
 from .jobs import MediaJob, Report, preprocess_media, preprocess_prompts, write_negative, write_validation
 from .manifest import Item, discover, read_prompts
 from .media import Clip, MediaError, load_clip
 from .shards import ShardStore
 
 __all__ = [
-    "ENCODERS",
     "Clip",
     "Item",
     "MediaError",
     "MediaJob",
     "Report",
     "ShardStore",
-    "WanEncoder",
     "discover",
     "load_clip",
     "make_encoder",

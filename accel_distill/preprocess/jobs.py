@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from accel_distill.errors import DataError
+from accel_distill.families.base import MediaEncoder
 
-from .encode import WanEncoder
 from .manifest import Item
 from .media import MISSING_CAPTION, UNSUPPORTED, Clip, MediaError, load_clip, to_model_input
 from .shards import SKIPPED_FILE, ShardStore, num_shards, rank_shards
@@ -112,7 +112,7 @@ def _skip(item: Item, reason: str, detail: str, strict: bool) -> dict:
 
 def preprocess_media(
     items: list[Item],
-    encoder: WanEncoder,
+    encoder: MediaEncoder,
     job: MediaJob,
     store: ShardStore,
     *,
@@ -231,7 +231,7 @@ def _row(item: Item, clip: Clip, latent: torch.Tensor) -> dict:
 
 def preprocess_prompts(
     prompts: list[str],
-    encoder: WanEncoder,
+    encoder: MediaEncoder,
     store: ShardStore,
     *,
     rows_per_shard: int,
@@ -267,7 +267,7 @@ def preprocess_prompts(
     return report
 
 
-def write_negative(encoder: WanEncoder, prompt: str, output: str, *, text_max_length: int) -> Path:
+def write_negative(encoder: MediaEncoder, prompt: str, output: str, *, text_max_length: int) -> Path:
     """One ``[L, D]`` float32 tensor ``prompt_embeds`` in a .safetensors file (``pipeline_config.negative_prompt_embeds``)."""
     from safetensors.torch import save_file
 
@@ -283,7 +283,7 @@ def write_negative(encoder: WanEncoder, prompt: str, output: str, *, text_max_le
 
 
 def write_validation(
-    encoder: WanEncoder, prompts: list[str], output: str, *, text_max_length: int, batch_size: int = 64
+    encoder: MediaEncoder, prompts: list[str], output: str, *, text_max_length: int, batch_size: int = 64
 ) -> Path:
     """``OUTPUT/validation.json`` (``{"data": [{"caption", "prompt_embeds"}]}``) + ``OUTPUT/embeds/NNNNN.safetensors``.
 
