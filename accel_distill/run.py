@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from accelerate.logging import get_logger
@@ -89,7 +89,9 @@ def export(cfg: RunConfig, rt: Runtime, ema: EMACallback | None = None) -> Path:
     with ema.averaged(role.name) if use_ema else contextlib.nullcontext():
         full = gather_full_model(acc, role.transformer)  # collective under FSDP
     if acc.is_main_process:
-        info = {"method": cfg.recipe.method, "ema": use_ema}
+        # provenance: what the student was distilled with (guidance, steps, ...) travels with it
+        method_config = asdict(cfg.method_config) if is_dataclass(cfg.method_config) else {}
+        info = {"method": cfg.recipe.method, "method_config": method_config, "ema": use_ema}
         if role.lora is not None:
             export_lora(full, role.source, out, rt.method.export_schedule(), merged=role.lora.export_merged, info=info)
         else:

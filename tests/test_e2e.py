@@ -108,6 +108,10 @@ def test_dmd2_trains_and_stock_diffusers_samples_the_export(
     student = load_file(out / "checkpoints" / "checkpoint-4" / "model.safetensors")
     exported = exported_weights(out)
     assert student.keys() == exported.keys() and all(torch.equal(student[k], exported[k]) for k in student)
+    info = json.loads((out / "export" / "accel_distill_export.json").read_text())
+    assert info["method"] == "dmd2"  # provenance: how the student was distilled travels with it
+    assert info["method_config"]["rollout_mode"] == mode
+    assert info["method_config"]["real_score_guidance_scale"] == cfg["method_config"]["real_score_guidance_scale"]
 
     embeds = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(5))
     torch.save(embeds, tmp_path / "embeds.pt")
