@@ -53,17 +53,27 @@ def test_rebuild_recipe_runs(fast_build):
 
 @pytest.mark.timeout(600)
 def test_parquet_holds_labelled_latents(fast_build):
+    """The digits went through `preprocess videos` (PNG + caption files): latents are the VAE's
+    posterior mode of exactly the pixels load_split gives, captions follow the labels."""
+    from diffusers import AutoencoderKLWan
+
     from accel_distill.data.schema import bytes_to_tensor
+    from accel_distill.digits.vae import encode_mean
 
     _, work = fast_build
+    assert len(list((work / "images" / "train").glob("digit-*.png"))) == 64
     table = pq.read_table(work / "data" / "train" / "part-00000.parquet").to_pylist()
     train = load_split("train", seed=0)
     assert len(table) == 64
+    vae = AutoencoderKLWan.from_pretrained(work / "base", subfolder="vae")
+    expected = encode_mean(vae, train.images[:8])
     for k, row in enumerate(table[:8]):
         lat = bytes_to_tensor(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"])
         emb = bytes_to_tensor(row["text_embedding_bytes"], row["text_embedding_shape"], row["text_embedding_dtype"])
-        assert tuple(lat.shape) == (16, 1, 2, 2) and tuple(emb.shape) == (16, 32)
+        assert tuple(lat.shape) == (16, 1, 2, 2) and emb.shape[1] == 32 and 1 <= emb.shape[0] <= 16
+        torch.testing.assert_close(lat, expected[k], atol=1e-5, rtol=1e-4)
         assert row["caption"] == caption(int(train.labels[k]))
+        assert row["id"] == f"digit-{int(train.indices[k]):04d}.png"
     embs = {r["caption"]: r["text_embedding_bytes"] for r in table}
     assert len(embs) > 1 and len(set(embs.values())) == len(embs)  # different prompts, different embeddings
 

@@ -6,6 +6,7 @@
 """
 
 DIGIT_WORDS = [str(i) for i in range(10)]
+TEXT_MAX_LENGTH = 16  # prompt tokens the digits models are trained and sampled with
 
 
 def caption(label: int) -> str:

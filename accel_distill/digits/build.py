@@ -8,8 +8,9 @@ Stages (each one's output lands under ``--work``, default ``outputs/digits_build
 2. ``base``: a complete ``WanPipeline`` folder -- that VAE, a tiny random UMT5 text
    encoder with a word-level tokenizer over the caption words, a random
    ``WanTransformer3DModel`` and a flow-matching UniPC scheduler;
-3. ``data``: the digits (train / held-out split fixed by seed) encoded into the
-   project's parquet (un-normalised VAE latents + text embeddings);
+3. ``data``: the digits (train / held-out split fixed by seed) written as PNG +
+   caption files under ``images/`` and encoded by ``python -m accel_distill.preprocess
+   videos`` -- the path users' data takes -- into the project's parquet;
 4. ``teacher``: this project's own ``finetune`` recipe, ``configs/digits/teacher_finetune.yaml``,
    run in-process through ``accel_distill.cli.main``; its export is copied to ``--out``.
 
@@ -27,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from accel_distill.digits import DIGIT_WORDS, caption
+from accel_distill.digits import DIGIT_WORDS, TEXT_MAX_LENGTH
 from accel_distill.testing.tiny_wan import save_pipeline, tiny_text_encoder, word_tokenizer
 
 TEACHER_CONFIG = "configs/digits/teacher_finetune.yaml"
-TEXT_MAX_LENGTH = 16  # also pass max_sequence_length=16 to WanPipeline when sampling
 FLOW_SHIFT = 3.0
 TEXT_DIM = 32
 TRANSFORMER_CONFIG = dict(
@@ -69,42 +69,20 @@ def build_base(path: Path, vae, seed: int = 0) -> Path:
     )
 
 
-def encode_split(base: Path, split: str, out: Path, seed: int = 0, limit: int | None = None) -> Path:
-    """Encode one split of the digits to ``out/part-00000.parquet`` in the project's schema."""
-    from diffusers import AutoencoderKLWan
+def encode_split(base: Path, split: str, work: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """One split -> ``work/data/<split>``: PNG + caption files, then ``preprocess videos`` -- the users' path."""
+    from accel_distill.digits.data import IMAGE_SIZE, load_split, write_split_images
+    from accel_distill.preprocess.cli import main as preprocess_main
 
-    from accel_distill.data.schema import write_parquet
-    from accel_distill.digits.data import load_split
-    from accel_distill.digits.vae import encode_mean
-    from accel_distill.families.wan import WanFamily
-
-    data = load_split(split, seed=seed)
-    images, labels, idx = data.images, data.labels, data.indices
-    if limit is not None:
-        images, labels, idx = images[:limit], labels[:limit], idx[:limit]
-    vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae")
-    latents = encode_mean(vae, images)  # raw latents: training normalises with the VAE config's mean/std
-    captions = [caption(int(y)) for y in labels]
-    # the family's own prompt encoder (the same code path the trainer uses for negative prompts)
-    embeds = WanFamily.encode_prompts(None, str(base), sorted(set(captions)), TEXT_MAX_LENGTH, torch.device("cpu"))
-    by_caption = dict(zip(sorted(set(captions)), embeds))
-    S = images.shape[-1]
-    samples = [
-        dict(
-            id=f"digits-{int(i):04d}",
-            latent=latents[k].clone(),
-            text_embedding=by_caption[c].clone(),
-            caption=c,
-            file_name=f"sklearn_digits/{int(i)}",
-            media_type="image",
-            width=S,
-            height=S,
-            num_frames=1,
-        )
-        for k, (i, c) in enumerate(zip(idx, captions))
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet(out / "part-00000.parquet", samples)
+    images = write_split_images(load_split(split, seed=seed), work / "images" / split, limit=limit)
+    out = work / "data" / split
+    args = ["videos", "--input", str(images), "--model", str(base), "--output", str(out), "--media", "image"]
+    args += ["--height", str(IMAGE_SIZE), "--width", str(IMAGE_SIZE), "--num-frames", "1", "--strict"]
+    args += ["--text-max-length", str(TEXT_MAX_LENGTH), "--vae-batch-size", "64", "--rows-per-shard", "512"]
+    args += ["--row-group-size", "64", "--decode-workers", "0"]
+    code = preprocess_main(args)
+    if code != 0:
+        raise SystemExit(f"preprocess of the {split} split failed with exit code {code}")
     return out
 
 
@@ -142,9 +120,8 @@ def build(out: Path, work: Path, *, fast: bool = False, vae_steps: int = 2000, s
     if not (work / "base" / "model_index.json").exists():
         build_base(work / "base", vae, seed=seed)
     limit = 64 if fast else None
-    for split in ("train", "held_out"):
-        if not (work / "data" / split / "part-00000.parquet").exists():
-            encode_split(work / "base", split, work / "data" / split, seed=seed, limit=limit)
+    for split in ("train", "held_out"):  # preprocess resumes: finished shards are kept
+        encode_split(work / "base", split, work, seed=seed, limit=limit)
     print(f"[digits] base pipeline and parquet ready ({time.perf_counter() - start:.0f}s)")
     export = train_teacher(work, fast)
     if out.exists():

@@ -1,28 +1,49 @@
-"""scikit-learn's bundled handwritten digits as 1-frame [-1, 1] "videos", split by seed."""
+"""scikit-learn's bundled handwritten digits as 1-frame [-1, 1] "videos", split by seed.
+
+Pixels go through the preprocessing code path users' images take
+(``accel_distill.preprocess.media``): 8-bit RGB, bilinear scale-to-cover, then
+``[-1, 1]``. So the VAE trains on exactly the pixels that ``preprocess videos``
+later encodes from the PNG files ``write_split_images`` writes.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from accel_distill.digits import caption
+from accel_distill.preprocess.media import resize_center_crop, to_model_input
 
 IMAGE_SIZE = 16  # 8x8 digits upscaled to 16x16 -> 2x2 latents with the Wan VAE's spatial factor 8 (CPU-cheap)
 
 
 @dataclass
 class DigitSplit:
-    images: torch.Tensor  # [N, 3, 1, S, S] in [-1, 1]
+    raw: np.ndarray  # [N, 8, 8, 3] uint8: the digits as 8-bit RGB (what the PNG files hold)
     labels: torch.Tensor  # [N] int64
     indices: np.ndarray  # rows of sklearn's load_digits
+    size: int = IMAGE_SIZE
+
+    @cached_property
+    def images(self) -> torch.Tensor:
+        """[N, 3, 1, size, size] in [-1, 1]: the model's input pixels."""
+        return upscale(self.raw, self.size)
+
+
+def to_rgb8(data: np.ndarray) -> np.ndarray:
+    """sklearn digit rows [N, 64] (ink 0..16) -> [N, 8, 8, 3] uint8 grey RGB."""
+    grey = np.rint(np.asarray(data, dtype=np.float64).reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def upscale(raw: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """[N, 64] digit pixels (0..16) -> [N, 3, 1, size, size] in [-1, 1] (bilinear upscaling, grey RGB)."""
-    x = torch.as_tensor(np.asarray(raw, dtype=np.float32)).view(-1, 1, 8, 8) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return (x * 2 - 1).repeat(1, 3, 1, 1).unsqueeze(2)
+    """[N, 8, 8, 3] uint8 -> [N, 3, 1, size, size] in [-1, 1], exactly as ``preprocess videos`` would."""
+    frames = resize_center_crop(raw, size, size)  # the N images as the frames of one clip
+    return to_model_input(frames[:, None])
 
 
 def load_split(split: str = "train", *, seed: int = 0, held_out: float = 0.2, size: int = IMAGE_SIZE) -> DigitSplit:
@@ -35,7 +56,20 @@ def load_split(split: str = "train", *, seed: int = 0, held_out: float = 0.2, si
     n_held = int(round(n * held_out))
     idx = {"train": perm[n_held:], "held_out": perm[:n_held], "all": np.arange(n)}[split]
     idx = np.sort(idx)
-    return DigitSplit(upscale(digits.data[idx], size), torch.as_tensor(digits.target[idx], dtype=torch.long), idx)
+    return DigitSplit(to_rgb8(digits.data[idx]), torch.as_tensor(digits.target[idx], dtype=torch.long), idx, size)
+
+
+def write_split_images(split: DigitSplit, folder: Path, limit: int | None = None) -> Path:
+    """The split as ``digit-NNNN.png`` + ``digit-NNNN.txt`` (caption) pairs: a folder ``preprocess videos`` reads."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(split.labels) if limit is None else min(limit, len(split.labels))
+    for k in range(n):
+        stem = folder / f"digit-{int(split.indices[k]):04d}"
+        Image.fromarray(split.raw[k]).save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(caption(int(split.labels[k])) + "\n")
+    return folder
 
 
 def to_uint8_gray(frames: torch.Tensor | np.ndarray) -> np.ndarray:

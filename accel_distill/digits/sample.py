@@ -7,10 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accel_distill.digits import caption
+from accel_distill.digits import TEXT_MAX_LENGTH, caption
 from accel_distill.digits.data import to_uint8_gray
-
-TEXT_MAX_LENGTH = 16  # the length the digits models were trained with
 
 
 def load_pipeline(folder: str | Path):
@@ -19,6 +17,21 @@ def load_pipeline(folder: str | Path):
     pipe = WanPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def distillation_guidance(export: str | Path) -> float | None:
+    """The teacher CFG scale a student export was distilled against (DMD2's real_score_guidance_scale), if any.
+
+    Teacher samples compared with the student use it: like against like.
+    """
+    from accel_distill.errors import UserError
+    from accel_distill.hub import read_export_info
+
+    try:
+        g = read_export_info(export).get("method_config", {}).get("real_score_guidance_scale")
+    except UserError:
+        return None
+    return None if g is None else float(g)
 
 
 def image_size(pipe) -> int:
