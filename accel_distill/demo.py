@@ -25,26 +25,24 @@ from accel_distill.cli import main as train_main
 CONFIG = "configs/demo/dmd2_digits.yaml"
 TEACHER = Path("models/digits-wan")
 ROOT = Path("outputs/demo")
-TEACHER_GUIDANCE = 3.0  # the teacher samples with CFG; the student with none (guidance 1)
+TEACHER_GUIDANCE = 3.0  # the teacher's CFG when the student records none; the student samples without CFG
 COLUMNS = [("teacher", 50), ("teacher", 4), ("student", 1), ("student", 2), ("student", 4)]
 
 
 def write_prompt_data(teacher: Path, out: Path, repeats: int = 8) -> Path:
-    """Text-only parquet (data-free DMD2): the ten captions encoded by the teacher's text encoder."""
-    from accel_distill.data.schema import write_parquet
-    from accel_distill.digits import caption
-    from accel_distill.families.wan import WanFamily
+    """Text-only parquet (data-free DMD2): the ten captions through ``preprocess prompts``, as a user would."""
+    from accel_distill.digits import TEXT_MAX_LENGTH, caption
+    from accel_distill.preprocess.cli import main as preprocess_main
 
-    captions = [caption(d) for d in range(10)]
-    embeds = WanFamily.encode_prompts(None, str(teacher), captions, 16, torch.device("cpu"))
-    samples = [
-        dict(id=f"prompt-{d}-{r}", text_embedding=embeds[d].clone(), caption=captions[d])
-        for r in range(repeats)
-        for d in range(10)
-    ]
-    if out.exists():  # e.g. an older demo's latent shards: never mix them in
+    if out.exists():  # e.g. an older demo's shards: never mix them in
         shutil.rmtree(out)
-    write_parquet(out / "part-00000.parquet", samples)
+    out.mkdir(parents=True)
+    prompts = out.parent / "prompts.txt"  # each digit equally often in every epoch of the stream
+    prompts.write_text("".join(f"{caption(d)}\n" for _ in range(repeats) for d in range(10)))
+    args = ["prompts", "--prompts", str(prompts), "--model", str(teacher), "--output", str(out)]
+    code = preprocess_main([*args, "--text-max-length", str(TEXT_MAX_LENGTH), "--rows-per-shard", str(10 * repeats)])
+    if code != 0:
+        raise SystemExit(f"preprocess prompts failed with exit code {code}")
     return out
 
 
@@ -52,18 +50,19 @@ def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> d
     """The labelled samples grid; returns seconds per image for each column."""
     from PIL import Image, ImageDraw
 
-    from accel_distill.digits.sample import generate, load_pipeline
+    from accel_distill.digits.sample import distillation_guidance, generate, load_pipeline
 
     pipes = {"teacher": load_pipeline(teacher), "student": load_pipeline(student)}
     digits = list(range(10))
     seeds = [seed * 1000 + d for d in digits]
+    teacher_guidance = distillation_guidance(student) or TEACHER_GUIDANCE  # the CFG the student learned
     cols, times = [], {}
     for who, steps in COLUMNS:
         start = time.perf_counter()
-        g = TEACHER_GUIDANCE if who == "teacher" else 1.0
+        g = teacher_guidance if who == "teacher" else 1.0
         cols.append(generate(pipes[who], digits, seeds, steps=steps, guidance_scale=g))
         times[f"{who} {steps}"] = (time.perf_counter() - start) / len(digits)
-    cell, pad, left, top = 64, 6, 60, 34
+    cell, pad, left, top = 64, 6, 60, 47
     w = left + len(COLUMNS) * (cell + pad)
     h = top + len(digits) * (cell + pad)
     canvas = Image.new("RGB", (w, h), "white")
@@ -72,6 +71,7 @@ def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> d
         x = left + c * (cell + pad)
         draw.text((x, 4), who, fill="black")
         draw.text((x, 17), f"{steps} step{'s' if steps > 1 else ''}", fill="black")
+        draw.text((x, 30), f"CFG {teacher_guidance:g}" if who == "teacher" else "no CFG", fill="black")
         for r in digits:
             img = Image.fromarray(cols[c][r]).resize((cell, cell), Image.NEAREST).convert("RGB")
             canvas.paste(img, (x, top + r * (cell + pad)))

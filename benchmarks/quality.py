@@ -4,9 +4,10 @@
 
 A small MLP digit classifier is trained on the *training* split only (the split
 the teacher and VAE were trained on). For each sampler -- teacher at 50/8/4/1
-steps (CFG 3), the DMD2 student at 4/2/1 steps and the student before
-distillation (the teacher's weights sampled with the student's 4-step scheduler,
-no CFG) -- it generates ``--num-samples`` images over the 10 prompts with fixed
+steps (with the CFG scale the student was distilled against, read from the
+export's ``accel_distill_export.json``), the DMD2 student at 4/2/1 steps and the student before
+distillation at 4/2/1 steps (the teacher's weights sampled with the student's
+scheduler, no CFG) -- it generates ``--num-samples`` images over the 10 prompts with fixed
 seeds (sample i: digit i % 10, seed i) through stock ``WanPipeline`` and reports
 (a) the classifier's accuracy on the prompted digit, (b) the Fréchet distance
 between the classifier's hidden features of the samples and of the held-out real
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accel_distill.digits.data import load_split, to_uint8_gray  # noqa: E402
-from accel_distill.digits.sample import generate, load_pipeline  # noqa: E402
+from accel_distill.digits.sample import distillation_guidance, generate, load_pipeline  # noqa: E402
 
 TEACHER_GUIDANCE = 3.0
 
@@ -62,23 +63,66 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def samplers(teacher: str, student: str | None):
+def samplers(teacher: str, student: str | None, teacher_guidance: float):
     """(name, pipeline, steps, guidance) for every sampler of the table."""
     t = load_pipeline(teacher)
-    rows = [(f"teacher {n} steps (CFG {TEACHER_GUIDANCE:g})", t, n, TEACHER_GUIDANCE) for n in (50, 8, 4, 1)]
+    rows = [(f"teacher {n} steps (CFG {teacher_guidance:g})", t, n, teacher_guidance) for n in (50, 8, 4, 1)]
     if student:
         s = load_pipeline(student)
         rows += [(f"DMD2 student {n} step{'s' if n > 1 else ''}", s, n, 1.0) for n in (4, 2, 1)]
         before = load_pipeline(student)
         before.transformer = t.transformer  # the student's initialisation: the teacher's weights
-        rows.append(("student before distillation, 4 steps", before, 4, 1.0))
+        rows += [(f"student before distillation, {n} step{'s' if n > 1 else ''}", before, n, 1.0) for n in (4, 2, 1)]
+        g = distillation_guidance(student)
+        if g is not None and g != teacher_guidance:  # the teacher at the guidance the student was distilled with
+            rows += [(f"teacher {n} steps (CFG {g:g}, the DMD2 guidance)", t, n, g) for n in (50, 4)]
     return rows
+
+
+def reference_rows(clf: Classifier, train, labels: list[int], held_feats: np.ndarray) -> list[dict]:
+    """The metric's scale: real training digits (its floor: sampling noise) and each prompt's
+    class-mean training digit (no diversity at all -- what a mode-collapsed sampler would score)."""
+    imgs = to_uint8_gray(train.images)
+    y = train.labels.numpy()
+    rng = np.random.default_rng(0)
+    real = np.stack([imgs[rng.choice(np.flatnonzero(y == d))] for d in labels])  # same digit mix as the samplers
+    means = np.stack([imgs[y == d].mean(0) for d in range(10)]).round().astype(np.uint8)[labels]
+    rows = []
+    for name, x in (("real training digits (reference)", real), ("class-mean digit, no diversity (reference)", means)):
+        acc = float((clf.predict(x) == np.array(labels)).mean())
+        rows.append(dict(sampler=name, accuracy=acc, fd=frechet_distance(clf.features(x), held_feats)))
+        print(f"{name:40s} acc {acc:.3f}  FD {rows[-1]['fd']:8.3f}", flush=True)
+    return rows
+
+
+def check_targets(results: list[dict], teacher_guidance: float) -> list[str]:
+    """The issue's targets for the 4-step student, against the teacher sampled at ``teacher_guidance``."""
+    by_name = {r["sampler"]: r for r in results}
+    t50 = by_name.get(f"teacher 50 steps (CFG {teacher_guidance:g})")
+    t4 = by_name.get(f"teacher 4 steps (CFG {teacher_guidance:g})")
+    s4 = by_name.get("DMD2 student 4 steps")
+    if not (t50 and t4 and s4):
+        return []
+    ratio = s4["fd"] / t50["fd"]
+    gap = 100 * (t50["accuracy"] - s4["accuracy"])
+    return [
+        f"student 4 steps FD / teacher 50 steps FD = {ratio:.2f} (target <= 1.25): {'PASS' if ratio <= 1.25 else 'FAIL'}",
+        f"accuracy gap to the teacher at 50 steps = {gap:+.1f} points (target <= 2): {'PASS' if gap <= 2 else 'FAIL'}",
+        f"student 4 steps FD {s4['fd']:.2f} vs teacher 4 steps FD {t4['fd']:.2f}: "
+        f"{'PASS' if s4['fd'] < t4['fd'] else 'FAIL'} (target: clearly better)",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="models/digits-wan")
     p.add_argument("--student", default="outputs/demo/run/export")
+    p.add_argument(
+        "--teacher-guidance",
+        type=float,
+        default=None,
+        help="the teacher's CFG scale (default: the guidance the student was distilled against, else 3)",
+    )
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--json", default="outputs/benchmarks/quality.json")
@@ -90,17 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     held_imgs = to_uint8_gray(held.images)
     held_feats = clf.features(held_imgs)
     real_acc = float((clf.predict(held_imgs) == held.labels.numpy()).mean())
-    train_feats = clf.features(to_uint8_gray(train.images))
-    print(
-        f"classifier: held-out accuracy {real_acc:.3f}; FD(train real, held-out real) "
-        f"{frechet_distance(train_feats, held_feats):.3f}"
-    )
+    print(f"classifier: held-out accuracy {real_acc:.3f}")
 
     labels = [i % 10 for i in range(a.num_samples)]
+    references = reference_rows(clf, train, labels, held_feats)
+
     seeds = list(range(a.num_samples))
     results = []
     student = a.student if Path(a.student, "model_index.json").exists() else None
-    for name, pipe, steps, g in samplers(a.teacher, student):
+    if a.teacher_guidance is None:  # compare like with like: the teacher at the guidance the student learned
+        a.teacher_guidance = (distillation_guidance(student) if student else None) or TEACHER_GUIDANCE
+    for name, pipe, steps, g in samplers(a.teacher, student, a.teacher_guidance):
         start = time.perf_counter()
         imgs = generate(pipe, labels, seeds, steps=steps, guidance_scale=g, batch_size=a.batch_size)
         sec = (time.perf_counter() - start) / len(labels)
@@ -113,10 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["relative_time"] = r["sec_per_image"] / base
         lines.append(f"| {r['sampler']} | {100 * r['accuracy']:.1f}% | {r['fd']:.2f} | {r['relative_time']:.3f}x |")
-    print("\n".join(lines))
+    lines += [f"| *{r['sampler']}* | {100 * r['accuracy']:.1f}% | {r['fd']:.2f} | - |" for r in references]
+    targets = check_targets(results, a.teacher_guidance)
+    print("\n".join(lines + [""] + targets))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(
-        json.dumps({"num_samples": a.num_samples, "real_held_out_accuracy": real_acc, "results": results}, indent=2)
+        json.dumps(
+            {
+                "num_samples": a.num_samples,
+                "real_held_out_accuracy": real_acc,
+                "results": results,
+                "references": references,
+                "targets": targets,
+            },
+            indent=2,
+        )
     )
     return 0
 

@@ -102,3 +102,18 @@ def test_committed_model_is_complete():
     total = sum(f.stat().st_size for f in (ROOT / "models").rglob("*") if f.is_file())
     assert total <= 30 * 2**20
     assert torch.load is not None and (model / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_demo_prompt_data_goes_through_preprocess_prompts(fast_build, tmp_path):
+    """The demo's data-free DMD2 parquet: each caption equally often, text only, from `preprocess prompts`."""
+    from accel_distill.data.schema import bytes_to_tensor
+    from accel_distill.demo import write_prompt_data
+
+    out, _ = fast_build
+    data = write_prompt_data(out, tmp_path / "data", repeats=2)
+    rows = [r for f in sorted(data.glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["caption"] for r in rows) == sorted(caption(d) for d in range(10) for _ in range(2))
+    assert all(not r.get("vae_latent_bytes") for r in rows)
+    emb = bytes_to_tensor(rows[0]["text_embedding_bytes"], rows[0]["text_embedding_shape"], "float32")
+    assert emb.shape[-1] == 32

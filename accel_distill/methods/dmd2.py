@@ -40,7 +40,8 @@ class DMD2Config:
     # Critic every iteration; student when iteration % interval == 0.
     generator_update_interval: int = 5
     real_score_guidance_scale: float = 3.5
-    # Score/critic timesteps: u ~ U[min, max] per sample, then the family's flow shift.
+    # Score/critic timesteps: u ~ U[min, max] per sample, then the family's flow shift
+    # (FastVideo's behaviour; false keeps them uniform, as DMD2 -- better on the digits demo).
     min_timestep_ratio: float = 0.02
     max_timestep_ratio: float = 0.98
     shift_score_timesteps: bool = True
