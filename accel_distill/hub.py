@@ -309,6 +309,15 @@ def files_to_upload(folder: str | Path) -> list[str]:
     return list(filter_repo_objects(paths, ignore_patterns=UPLOAD_IGNORE_PATTERNS))
 
 
+def public_export_info(folder: str | Path) -> bytes:
+    """The export info as published: a local ``source`` path (this machine's layout) is left out."""
+    info = read_export_info(folder)
+    source = info.get("source")
+    if source and not is_hub_id(str(source)):
+        info = {**info, "source": None, "source_is_local": True}
+    return (json.dumps(info, indent=2) + "\n").encode()
+
+
 def _scrub(text: str, token: str | None) -> str:
     """``text`` with the token (if any) masked, for error messages."""
     from huggingface_hub import get_token
@@ -333,7 +342,7 @@ def push_export(
     Hub refusals (no/invalid token, no write access, bad repo id) raise :class:`UserError`.
     """
     import httpx
-    from huggingface_hub import constants, create_repo, get_token, upload_folder
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     folder = Path(folder).expanduser()
@@ -347,13 +356,19 @@ def push_export(
 
     write_model_card(folder, repo_id)
     try:
-        url = create_repo(repo_id, private=private, exist_ok=True, token=token)
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
+        api = HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # one commit: the folder as upload_folder would send it, but the info file without local paths
+        operations = [
+            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+            for rel in files_to_upload(folder)
+            if rel != EXPORT_INFO_FILE
+        ]
+        operations.append(CommitOperationAdd(path_in_repo=EXPORT_INFO_FILE, path_or_fileobj=public_export_info(folder)))
+        api.create_commit(
+            repo_id,
+            operations=operations,
             commit_message=commit_message or f"Upload {folder.name} (accel_distill export)",
-            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
-            token=token,
         )
     except HFValidationError as e:
         raise UserError(f"--repo-id {repo_id!r}: {_scrub(str(e), token)}") from None

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -404,7 +405,11 @@ def test_push_export_subprocess(export_folder, fake_hub, tmp_path):
         "scheduler/scheduler_config.json",
     ]:
         assert rel in uploaded, rel
-        assert fake_hub.uploaded_bytes(rel) == (export_folder / rel).read_bytes(), rel
+        if rel != "accel_distill_export.json":
+            assert fake_hub.uploaded_bytes(rel) == (export_folder / rel).read_bytes(), rel
+    local = json.loads((export_folder / "accel_distill_export.json").read_text())
+    assert is_hub_id(local["source"])  # a Hub base model is published as it is
+    assert json.loads(fake_hub.uploaded_bytes("accel_distill_export.json")) == local
     assert not [f for f in uploaded if _is_decoy(f)], uploaded
     assert uploaded == set(files_to_upload(export_folder))
     assert fake_hub.yaml_checked and "dmd2" in fake_hub.yaml_checked[0]
@@ -417,6 +422,27 @@ def test_push_export_subprocess(export_folder, fake_hub, tmp_path):
         if f.is_file():
             assert TOKEN.encode() not in f.read_bytes(), f
     assert TOKEN not in fake_hub.commit_headers[0]["summary"]
+
+
+def test_push_leaves_out_a_local_source_path(export_folder, fake_hub, tmp_path):
+    """An export trained from a local folder records that path; the published info does not carry it."""
+    folder = tmp_path / "export"
+    shutil.copytree(export_folder, folder)
+    info_file = folder / "accel_distill_export.json"
+    local_source = str(tmp_path / "home" / "me" / "private-base-model")
+    info = {**json.loads(info_file.read_text()), "source": local_source}
+    info_file.write_text(json.dumps(info))
+    proc = _run_hub(
+        str(folder),
+        "--repo-id",
+        REPO,
+        env={"HF_ENDPOINT": fake_hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "h")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    published = json.loads(fake_hub.uploaded_bytes("accel_distill_export.json"))
+    assert published == {**info, "source": None, "source_is_local": True}
+    assert json.loads(info_file.read_text()) == info  # the user's export is left as it was
+    assert not [f for f in fake_hub.committed if local_source.encode() in fake_hub.uploaded_bytes(f)]
 
 
 def test_push_without_token(export_folder, fake_hub, tmp_path):
