@@ -24,6 +24,7 @@ from accel_distill.roles import trainable_names
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ROLES_FILE, TRAINER_FILE = "roles.json", "trainer_state.json"
+SHARED_FILE = "shared_state.pt"  # state every rank holds identically (e.g. a DDP role's EMA), written once
 
 
 def rank_file(rank: int) -> str:
@@ -115,8 +116,12 @@ class CheckpointManager:
         self.roles = roles  # {"models": [...], "optimizers": [...], "schedulers": [...]} in prepare order
         self.total_limit = total_limit
 
-    def save(self, iteration: int, trainer_state: dict, rank_state: dict) -> Path:
-        """Write checkpoint-<iteration> (collective: every rank calls it)."""
+    def save(self, iteration: int, trainer_state: dict, rank_state: dict, shared_state: dict | None = None) -> Path:
+        """Write checkpoint-<iteration> (collective: every rank calls it).
+
+        ``rank_state`` goes to this rank's file; ``shared_state`` (the same on every rank,
+        passed by the main process) is written once.
+        """
         acc = self.accelerator
         final = self.root / f"checkpoint-{iteration}"
         tmp = self.root / f".tmp-checkpoint-{iteration}"
@@ -129,6 +134,8 @@ class CheckpointManager:
         if acc.is_main_process:
             (tmp / ROLES_FILE).write_text(json.dumps(self.roles, indent=2))
             (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=2))
+            if shared_state:
+                torch.save(shared_state, tmp / SHARED_FILE)
         acc.wait_for_everyone()  # every rank's files are in tmp before it becomes visible
         if acc.is_main_process:
             if final.exists():
@@ -144,8 +151,8 @@ class CheckpointManager:
         for old in completed_checkpoints(self.root)[: -self.total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path) -> tuple[dict, dict]:
-        """Restore models/optimizers/schedulers/RNG; return (trainer_state, this rank's state)."""
+    def load(self, path: Path) -> tuple[dict, dict, dict]:
+        """Restore models/optimizers/schedulers/RNG; return (trainer_state, this rank's state, shared state)."""
         rank_path = path / rank_file(self.accelerator.process_index)
         if not rank_path.exists():
             raise UserError(
@@ -153,4 +160,6 @@ class CheckpointManager:
             )
         self.accelerator.load_state(str(path))
         trainer_state = json.loads((path / TRAINER_FILE).read_text())
-        return trainer_state, torch.load(rank_path, weights_only=False)
+        shared_path = path / SHARED_FILE
+        shared = torch.load(shared_path, weights_only=False) if shared_path.exists() else {}
+        return trainer_state, torch.load(rank_path, weights_only=False), shared

@@ -3,7 +3,8 @@
 The shadow is updated only on iterations where that role's optimizer stepped
 (a DMD2 student every ``generator_update_interval``), is kept in float32 even
 for bf16 weights (a 1e-4 lerp rounds away in bf16), lives next to the
-parameters (sharded like them under FSDP), and is saved in every checkpoint.
+parameters (sharded like them under FSDP), and is saved in every checkpoint: per rank
+when sharded, once (by the main process) when every rank holds the same copy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from accel_distill.config.schema import EMASpec
+from accel_distill.errors import UserError
 from accel_distill.roles import ModelBundle
 from accel_distill.trainer.callbacks import Callback
 
@@ -44,6 +46,7 @@ class EMACallback(Callback):
             )
             ema.shadow_params = [p.detach().float().clone() for p in params]
             self.emas[role] = ema
+        self._restored: set[str] = set()  # roles a resume has restored
 
     def parameters(self, role: str) -> list[torch.nn.Parameter]:
         """The parameters that train (all, or a LoRA adapter's), in a fixed order."""
@@ -72,15 +75,44 @@ class EMACallback(Callback):
                 for p, b in zip(params, backup):
                     p.copy_(b)
 
-    def state_dict(self) -> dict:
+    def replicated(self, role: str) -> bool:
+        """Every rank holds the role's whole shadow (no FSDP sharding): it is checkpointed once, not per rank."""
+        return not any(hasattr(s, "to_local") for s in self.emas[role].shadow_params)
+
+    def _state(self, roles: list[str]) -> dict:
+        emas = {role: self.emas[role] for role in roles}
         return {
             role: {"optimization_step": ema.optimization_step, "shadow": [_local(s).cpu() for s in ema.shadow_params]}
-            for role, ema in self.emas.items()
+            for role, ema in emas.items()
         }
 
+    def state_dict(self) -> dict:
+        """Sharded (FSDP) roles: this rank's shard of the shadow."""
+        return self._state([r for r in self.emas if not self.replicated(r)])
+
+    def shared_state_dict(self) -> dict:
+        """Replicated (DDP / single-process) roles: the whole shadow, saved once."""
+        return self._state([r for r in self.emas if self.replicated(r)])
+
     def load_state_dict(self, state: dict) -> None:
-        for role, ema in self.emas.items():
-            ema.optimization_step = state[role]["optimization_step"]
+        self._restored = set()
+        self._load(state)
+
+    def load_shared_state_dict(self, state: dict) -> None:
+        self._load(state)
+        missing = sorted(set(self.emas) - self._restored)
+        if missing:
+            raise UserError(
+                f"the checkpoint holds no EMA state for role(s) {', '.join(missing)}; resume with the same roles"
+            )
+
+    def _load(self, state: dict) -> None:
+        for role, saved in state.items():
+            if role not in self.emas:
+                continue
+            ema = self.emas[role]
+            ema.optimization_step = saved["optimization_step"]
             with torch.no_grad():
-                for s, saved in zip(ema.shadow_params, state[role]["shadow"]):
-                    _local(s).copy_(saved)
+                for s, value in zip(ema.shadow_params, saved["shadow"], strict=True):
+                    _local(s).copy_(value)
+            self._restored.add(role)

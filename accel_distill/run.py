@@ -64,13 +64,14 @@ def resume(rt: Runtime, ckpt: CheckpointManager, path: Path | None, callbacks: l
     """Restore everything a checkpoint holds; a fresh state when there is nothing to resume."""
     if path is None:
         return TrainerState()
-    trainer_state, rank_state = ckpt.load(path)
+    trainer_state, rank_state, shared = ckpt.load(path)
     rt.stream.load_state_dict(rank_state["data"])
     rt.method.load_state_dict(rank_state["method"])
-    saved = rank_state.get("callbacks", {})
+    saved, saved_shared = rank_state.get("callbacks", {}), shared.get("callbacks", {})
     for callback in callbacks:
-        if callback.name in saved:
-            callback.load_state_dict(saved[callback.name])
+        if callback.name in saved or callback.name in saved_shared:
+            callback.load_state_dict(saved.get(callback.name, {}))
+            callback.load_shared_state_dict(saved_shared.get(callback.name, {}))
         else:
             logger.warning(f"{path} has no {callback.name} state; it starts fresh", main_process_only=True)
     logger.info(f"resumed from {path} at iteration {trainer_state['iteration']}", main_process_only=True)
@@ -125,7 +126,9 @@ def train(cfg: RunConfig) -> Path:
             "method": rt.method.state_dict(),
             "callbacks": {c.name: c.state_dict() for c in callbacks},
         }
-        ckpt.save(s.iteration, asdict(s), rank_state)
+        # what every rank holds identically is written once, by the main process
+        shared = {"callbacks": {c.name: c.shared_state_dict() for c in callbacks}} if acc.is_main_process else None
+        ckpt.save(s.iteration, asdict(s), rank_state, shared)
 
     metrics = Path(cfg.training.output_dir) / "logs" / "metrics.jsonl"
     Trainer(

@@ -190,3 +190,12 @@ def test_lora_dmd2_two_processes_resume_and_export(backend, tmp_path, tiny_wan, 
     lb = load_file(resumed / "export" / "pytorch_lora_weights.safetensors")
     assert la and la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     assert all("lora" in k for k in la)
+    # EMA: DDP ranks hold the same shadow -> written once; FSDP ranks hold shards -> one per rank
+    ckpt = straight / "checkpoints" / "checkpoint-4"
+    ranks = [torch.load(ckpt / f"rank_state_{r}.pt", weights_only=False)["callbacks"]["ema"] for r in (0, 1)]
+    shared = torch.load(ckpt / "shared_state.pt", weights_only=False)["callbacks"]["ema"]
+    if backend == "ddp":
+        assert ranks == [{}, {}] and shared["student"]["optimization_step"] == 2
+    else:
+        assert shared == {} and [r["student"]["optimization_step"] for r in ranks] == [2, 2]
+        assert not torch.equal(ranks[0]["student"]["shadow"][0], ranks[1]["student"]["shadow"][0])

@@ -13,6 +13,7 @@ from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
 from accel_distill.config.schema import LoraSpec
 from accel_distill.ema import EMACallback
+from accel_distill.errors import UserError
 from accel_distill.roles import lora_config
 from accel_distill.sampling import few_step_sample
 from accel_distill.schedule import fit_few_step_schedule
@@ -105,6 +106,10 @@ def test_ema_shadow_is_fp32_and_moves_only_when_its_optimizer_steps(tmp_path, ti
         changed.append(any(not torch.equal(a, b) for a, b in zip(before, ema.emas["student"].shadow_params)))
     assert changed == [True, False, False, True, False, False, True]
     assert ema.emas["student"].optimization_step == 3
+    # a checkpoint without this role's EMA is refused on resume, not silently restarted
+    ema.load_state_dict({})
+    with pytest.raises(UserError, match="no EMA state for role.*student"):
+        ema.load_shared_state_dict({"critic": {}})
 
 
 def test_ema_resume_is_exact_and_exported(tmp_path, tiny_wan, tiny_teacher, latent_data):
@@ -120,9 +125,10 @@ def test_ema_resume_is_exact_and_exported(tmp_path, tiny_wan, tiny_teacher, late
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def ema_state(out):
-        return torch.load(out / "checkpoints" / "checkpoint-6" / "rank_state_0.pt", weights_only=False)["callbacks"][
-            "ema"
-        ]
+        ckpt = out / "checkpoints" / "checkpoint-6"
+        rank = torch.load(ckpt / "rank_state_0.pt", weights_only=False)["callbacks"]["ema"]
+        assert rank == {}  # one process holds the whole shadow: saved once, in the shared file
+        return torch.load(ckpt / "shared_state.pt", weights_only=False)["callbacks"]["ema"]
 
     a, b = ema_state(straight), ema_state(resumed)
     assert a["student"]["optimization_step"] == b["student"]["optimization_step"] == 3

@@ -32,7 +32,15 @@ class Callback:
         """After the last iteration, before export."""
 
     def state_dict(self) -> dict:
+        """This process's state, saved in its own per-rank file."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def shared_state_dict(self) -> dict:
+        """State identical on every rank: the main process saves it once, every rank loads it."""
+        return {}
+
+    def load_shared_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`shared_state_dict` returned (called after :meth:`load_state_dict`)."""
