@@ -80,10 +80,12 @@ class EMACallback(Callback):
         return not any(hasattr(s, "to_local") for s in self.emas[role].shadow_params)
 
     def _state(self, roles: list[str]) -> dict:
-        emas = {role: self.emas[role] for role in roles}
         return {
-            role: {"optimization_step": ema.optimization_step, "shadow": [_local(s).cpu() for s in ema.shadow_params]}
-            for role, ema in emas.items()
+            role: {
+                "optimization_step": self.emas[role].optimization_step,
+                "shadow": [_local(s).cpu() for s in self.emas[role].shadow_params],
+            }
+            for role in roles
         }
 
     def state_dict(self) -> dict:
