@@ -25,7 +25,6 @@ from accel_distill.cli import main as train_main
 CONFIG = "configs/demo/dmd2_digits.yaml"
 TEACHER = Path("models/digits-wan")
 ROOT = Path("outputs/demo")
-TEACHER_GUIDANCE = 3.0  # the teacher's CFG when the student records none; the student samples without CFG
 COLUMNS = [("teacher", 50), ("teacher", 4), ("student", 1), ("student", 2), ("student", 4)]
 
 
@@ -50,16 +49,16 @@ def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> d
     """The labelled samples grid; returns seconds per image for each column."""
     from PIL import Image, ImageDraw
 
-    from accel_distill.digits.sample import distillation_guidance, generate, load_pipeline
+    from accel_distill.digits.sample import generate, load_pipeline, teacher_guidance
 
     pipes = {"teacher": load_pipeline(teacher), "student": load_pipeline(student)}
     digits = list(range(10))
     seeds = [seed * 1000 + d for d in digits]
-    teacher_guidance = distillation_guidance(student) or TEACHER_GUIDANCE  # the CFG the student learned
+    guidance = teacher_guidance(student)  # the teacher at the CFG the student learned; the student without
     cols, times = [], {}
     for who, steps in COLUMNS:
         start = time.perf_counter()
-        g = teacher_guidance if who == "teacher" else 1.0
+        g = guidance if who == "teacher" else 1.0
         cols.append(generate(pipes[who], digits, seeds, steps=steps, guidance_scale=g))
         times[f"{who} {steps}"] = (time.perf_counter() - start) / len(digits)
     cell, pad, left, top = 64, 6, 60, 47
@@ -71,7 +70,7 @@ def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> d
         x = left + c * (cell + pad)
         draw.text((x, 4), who, fill="black")
         draw.text((x, 17), f"{steps} step{'s' if steps > 1 else ''}", fill="black")
-        draw.text((x, 30), f"CFG {teacher_guidance:g}" if who == "teacher" else "no CFG", fill="black")
+        draw.text((x, 30), f"CFG {guidance:g}" if who == "teacher" else "no CFG", fill="black")
         for r in digits:
             img = Image.fromarray(cols[c][r]).resize((cell, cell), Image.NEAREST).convert("RGB")
             canvas.paste(img, (x, top + r * (cell + pad)))

@@ -28,9 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accel_distill.digits.data import load_split, to_uint8_gray  # noqa: E402
-from accel_distill.digits.sample import distillation_guidance, generate, load_pipeline  # noqa: E402
-
-TEACHER_GUIDANCE = 3.0
+from accel_distill.digits.sample import (  # noqa: E402
+    distillation_guidance,
+    generate,
+    load_pipeline,
+    teacher_guidance,
+)
 
 
 class Classifier:
@@ -63,10 +66,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def samplers(teacher: str, student: str | None, teacher_guidance: float):
+def samplers(teacher: str, student: str | None, guidance: float):
     """(name, pipeline, steps, guidance) for every sampler of the table."""
     t = load_pipeline(teacher)
-    rows = [(f"teacher {n} steps (CFG {teacher_guidance:g})", t, n, teacher_guidance) for n in (50, 8, 4, 1)]
+    rows = [(f"teacher {n} steps (CFG {guidance:g})", t, n, guidance) for n in (50, 8, 4, 1)]
     if student:
         s = load_pipeline(student)
         rows += [(f"DMD2 student {n} step{'s' if n > 1 else ''}", s, n, 1.0) for n in (4, 2, 1)]
@@ -74,16 +77,16 @@ def samplers(teacher: str, student: str | None, teacher_guidance: float):
         before.transformer = t.transformer  # the student's initialisation: the teacher's weights
         rows += [(f"student before distillation, {n} step{'s' if n > 1 else ''}", before, n, 1.0) for n in (4, 2, 1)]
         g = distillation_guidance(student)
-        if g is not None and g != teacher_guidance:  # the teacher at the guidance the student was distilled with
+        if g is not None and g != guidance:  # the teacher at the guidance the student was distilled with
             rows += [(f"teacher {n} steps (CFG {g:g}, the DMD2 guidance)", t, n, g) for n in (50, 4)]
     return rows
 
 
-def reference_rows(clf: Classifier, train, labels: list[int], held_feats: np.ndarray) -> list[dict]:
+def reference_rows(
+    clf: Classifier, imgs: np.ndarray, y: np.ndarray, labels: list[int], held_feats: np.ndarray
+) -> list[dict]:
     """The metric's scale: real training digits (its floor: sampling noise) and each prompt's
     class-mean training digit (no diversity at all -- what a mode-collapsed sampler would score)."""
-    imgs = to_uint8_gray(train.images)
-    y = train.labels.numpy()
     rng = np.random.default_rng(0)
     real = np.stack([imgs[rng.choice(np.flatnonzero(y == d))] for d in labels])  # same digit mix as the samplers
     means = np.stack([imgs[y == d].mean(0) for d in range(10)]).round().astype(np.uint8)[labels]
@@ -95,11 +98,11 @@ def reference_rows(clf: Classifier, train, labels: list[int], held_feats: np.nda
     return rows
 
 
-def check_targets(results: list[dict], teacher_guidance: float) -> list[str]:
-    """The issue's targets for the 4-step student, against the teacher sampled at ``teacher_guidance``."""
+def check_targets(results: list[dict], guidance: float) -> list[str]:
+    """The issue's targets for the 4-step student, against the teacher sampled at ``guidance``."""
     by_name = {r["sampler"]: r for r in results}
-    t50 = by_name.get(f"teacher 50 steps (CFG {teacher_guidance:g})")
-    t4 = by_name.get(f"teacher 4 steps (CFG {teacher_guidance:g})")
+    t50 = by_name.get(f"teacher 50 steps (CFG {guidance:g})")
+    t4 = by_name.get(f"teacher 4 steps (CFG {guidance:g})")
     s4 = by_name.get("DMD2 student 4 steps")
     if not (t50 and t4 and s4):
         return []
@@ -130,20 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     train, held = load_split("train"), load_split("held_out")
-    clf = Classifier(to_uint8_gray(train.images), train.labels.numpy())
+    train_imgs, train_y = to_uint8_gray(train.images), train.labels.numpy()
+    clf = Classifier(train_imgs, train_y)
     held_imgs = to_uint8_gray(held.images)
     held_feats = clf.features(held_imgs)
     real_acc = float((clf.predict(held_imgs) == held.labels.numpy()).mean())
     print(f"classifier: held-out accuracy {real_acc:.3f}")
 
     labels = [i % 10 for i in range(a.num_samples)]
-    references = reference_rows(clf, train, labels, held_feats)
+    references = reference_rows(clf, train_imgs, train_y, labels, held_feats)
 
     seeds = list(range(a.num_samples))
     results = []
     student = a.student if Path(a.student, "model_index.json").exists() else None
     if a.teacher_guidance is None:  # compare like with like: the teacher at the guidance the student learned
-        a.teacher_guidance = (distillation_guidance(student) if student else None) or TEACHER_GUIDANCE
+        a.teacher_guidance = teacher_guidance(student)
     for name, pipe, steps, g in samplers(a.teacher, student, a.teacher_guidance):
         start = time.perf_counter()
         imgs = generate(pipe, labels, seeds, steps=steps, guidance_scale=g, batch_size=a.batch_size)

@@ -34,6 +34,14 @@ def distillation_guidance(export: str | Path) -> float | None:
     return None if g is None else float(g)
 
 
+DEFAULT_TEACHER_GUIDANCE = 3.0  # for a student export that records no distillation guidance
+
+
+def teacher_guidance(student: str | Path | None) -> float:
+    """The CFG scale to sample the teacher at when comparing with ``student``: the one it learned."""
+    return (distillation_guidance(student) if student else None) or DEFAULT_TEACHER_GUIDANCE
+
+
 def image_size(pipe) -> int:
     """Pixels per side: 2x2 latents times the VAE's spatial factor."""
     return 2 * int(pipe.vae_scale_factor_spatial)
