@@ -25,12 +25,14 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tokenizers>=0.20",
+        # accel_distill.hub catches its transport errors
+        "httpx>=0.27",
         # preprocessing (accel_distill.preprocess): video decoding (wheels bundle ffmpeg), images
         "av>=12",
         "pillow>=9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.3", "tensorboard>=2.14"],
         "demo": ["scikit-learn>=1.3"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
     },
