@@ -8,6 +8,7 @@ valid key for a typo), no traceback, and nothing written to ``output_dir``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import time
@@ -23,55 +24,13 @@ from accel_distill.config import load_config, resolved_dict
 from accel_distill.errors import ConfigError
 from accel_distill.methods.dmd2 import DMD2Method
 
-SEED_FILE = Path("/work/shared/seeds/000_94012abdfd2d4a91.txt")
-
-# The yaml block of the seed, verbatim (comments included). Tests substitute only its paths.
-SEED_YAML = """\
-recipe:
-  family: wan
-  method: dmd2
-
-roles:
-  student:
-    path: Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-    trainable: true
-  teacher:
-    path: Wan-AI/Wan2.1-T2V-14B-Diffusers
-    trainable: false
-  critic:
-    path: Wan-AI/Wan2.1-T2V-1.3B-Diffusers
-    trainable: true
-
-training:
-  seed: 0
-  output_dir: /path/to/out
-  data_path: /path/to/parquet
-  max_train_steps: 4000
-  train_batch_size: 1
-  dataloader_num_workers: 4
-  num_gpus: 8
-
-  log_validation: true
-  validation_steps: 50
-  validation_dataset_file: /path/to/validation.json
-  validation_sampling_steps: "8"     # legacy-style string；method 可选择覆写
-  validation_guidance_scale: "5.0"   # legacy-style string；method 可选择覆写
-
-  trackers: ["wandb"]
-  tracker_project_name: my_project
-  wandb_run_name: my_run
-
-pipeline_config:
-  flow_shift: 3
-  sampler_kind: ode
-
-method_config:
-  rollout_mode: simulate
-  dmd_denoising_steps: [999, 750, 500, 250, 0]
-  generator_update_interval: 1
-  real_score_guidance_scale: 1.0
-  attn_kind: dense
-"""
+# The yaml block of the project's seed recipe, verbatim (comments included), committed as a
+# fixture. Tests substitute only its paths.
+SEED_FIXTURE = Path(__file__).parent / "fixtures" / "seed_000_dmd2.yaml"
+SEED_YAML = SEED_FIXTURE.read_text(encoding="utf-8")
+# sha256 of the seed's yaml block (shared/seeds/000_94012abdfd2d4a91.txt), taken when it was copied
+SEED_SHA256 = "65b5d52b518f12d5b6a7988d1de581ca4d59a8a83c6afebc62d8710912923875"
+SEED_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_94012abdfd2d4a91.txt"
 
 
 # ---------------------------------------------------------------- helpers
@@ -548,11 +507,13 @@ def seed_config(tmp_path, tiny_wan, tiny_teacher, latent_data) -> tuple[Path, Pa
     return path, out
 
 
-@pytest.mark.skipif(not SEED_FILE.exists(), reason="shared seed file not available")
 def test_seed_yaml_is_copied_verbatim():
-    block = re.search(r"``` ?yaml\n(.*?)```", SEED_FILE.read_text(encoding="utf-8"), re.S)
-    assert block is not None
-    assert block.group(1) == SEED_YAML
+    """The fixture is byte for byte the seed's yaml block: its legacy strings and non-ASCII comments included."""
+    assert hashlib.sha256(SEED_FIXTURE.read_bytes()).hexdigest() == SEED_SHA256
+    assert 'validation_sampling_steps: "8"     # legacy-style string；' in SEED_YAML
+    if SEED_SOURCE.exists():  # beside a checkout with the shared folder: the seed itself too
+        block = re.search(r"``` ?yaml\n(.*?)```", SEED_SOURCE.read_text(encoding="utf-8"), re.S)
+        assert block is not None and block.group(1) == SEED_YAML
 
 
 def test_seed_yaml_loads_unchanged(seed_config, tiny_wan, tiny_teacher):
