@@ -22,6 +22,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def end_progress_bars() -> None:
+    """Close the tqdm bars still drawn (an error raised mid-training): what is printed next starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one ``error:`` line and return 2."""
     args = parse_args(argv)
@@ -41,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         out = train(cfg)
         print(f"exported student to {out}")
     except UserError as e:
+        end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BaseException:
+        end_progress_bars()  # a traceback or KeyboardInterrupt, too
+        raise
     return 0

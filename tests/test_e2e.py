@@ -170,3 +170,29 @@ def test_bad_data_is_one_clear_line_naming_the_file(kind, words, tmp_path, tiny_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(data) in errors[0] and words in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_error_raised_under_the_progress_bar_starts_its_own_line(tmp_path, tiny_wan, tiny_teacher):
+    """A bad row found mid-training (after the bar is drawn): the error line is not glued to the bar."""
+    from accel_distill.data import write_parquet
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "id": f"s{i}",
+            "caption": "c",
+            "text_embedding": torch.randn(20 if i == 13 else 8, 32, generator=gen),  # 20 > text_max_length 16
+            "latent": torch.randn(16, 2, 4, 4, generator=gen),
+        }
+        for i in range(16)
+    ]
+    data = tmp_path / "late-bad-row.parquet"
+    write_parquet(data, rows, row_group_size=4)  # row 13 is in the 4th row group: read lazily, mid-training
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, data, tmp_path / "out")
+    cfg["training"].update(max_train_steps=8, shuffle=False, checkpointing_steps=100)
+    proc = run_cli("--config", str(write_config(tmp_path / "run.yaml", cfg)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train:" in proc.stderr and "it/s]" in proc.stderr  # the bar was drawn before the error
+    lines = [line for line in proc.stderr.split("\n") if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "row 13" in lines[0] and "text_max_length=16" in lines[0] and "Traceback" not in proc.stderr
