@@ -24,40 +24,58 @@ from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_sha
 from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
+from accel_distill.precision import dtype_of
 from accel_distill.prompts import encode_cached, load_embedding_file
 from accel_distill.registry import FAMILIES, METHODS
-from accel_distill.roles import DTYPES, ModelBundle, RoleHandle, apply_trainable, attach_lora
-
-MIXED_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from accel_distill.roles import ModelBundle, RoleHandle, apply_trainable, attach_lora
 
 
 def role_dtype(cfg: RunConfig, role: str) -> torch.dtype:
     """Explicit ``precision``; else fp32 master weights if trainable, the mixed dtype if frozen."""
     rc = cfg.roles[role]
     if rc.precision is not None:
-        return DTYPES[rc.precision]
+        return dtype_of(rc.precision)
     full_training = rc.trainable and rc.lora is None  # a LoRA base is frozen; its adapter is fp32
-    return torch.float32 if full_training else MIXED_DTYPES[cfg.training.mixed_precision]
+    return torch.float32 if full_training else dtype_of(cfg.training.mixed_precision)
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     t = cfg.training
-    if t.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     acc = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=t.mixed_precision,  # resolved against the launcher's by the config loader
         log_with=list(t.trackers) or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=os.path.join(t.output_dir, "logs")),
-        cpu=not torch.cuda.is_available(),
     )
+    if t.allow_tf32 and acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if t.num_gpus is not None and t.num_gpus != acc.num_processes:
         raise ConfigError(
             f"{cfg.source}: training.num_gpus: is {t.num_gpus} but {acc.num_processes} processes were launched; "
             "change num_gpus or the launch command (accelerate --num_processes)"
         )
+    if t.mixed_precision == "fp16" and acc.scaler is None:
+        raise ConfigError(
+            f"{cfg.source}: training.mixed_precision: fp16 needs a gradient scaler, which accelerate gives only on "
+            f"an accelerator (this run is on {acc.device.type}, where fp16 would silently train in fp32); use bf16"
+        )
     set_seed(t.seed, device_specific=True)
     return acc
+
+
+def apply_speed_switches(cfg: RunConfig, role: str, module: torch.nn.Module) -> None:
+    """The role's attention backend and regional compile (before sharding / prepare, after LoRA)."""
+    rc, t = cfg.roles[role], cfg.training
+    backend = rc.attention_backend or t.attention_backend
+    if backend is not None:
+        try:
+            module.set_attention_backend(backend)
+        except (RuntimeError, ValueError, ImportError) as e:
+            raise ConfigError(
+                f"{cfg.source}: roles.{role}.attention_backend: {backend!r} cannot be set ({str(e).splitlines()[0]})"
+            ) from None
+    if rc.compile if rc.compile is not None else t.compile:
+        module.compile_repeated_blocks()
 
 
 def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod], acc: Accelerator) -> ModelBundle:
@@ -74,6 +92,8 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
             modules = {k: attach_lora(m, rc.lora) for k, m in loaded.items()}
         else:
             modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
+        for m in modules.values():
+            apply_speed_switches(cfg, name, m)
         if fsdp and not rc.trainable:  # sharded like a prepared role, but outside prepare/save_state
             modules = {k: fsdp_shard(acc, m, from_rank0=from_rank0) for k, m in modules.items()}
         o = cfg.role_defaults(name)
@@ -141,6 +161,7 @@ def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMa
         require_latents=method_cls.needs_latents(cfg),
         expected_latent_channels=adapter.latent_channels,
         prefetch=t.dataloader_num_workers,
+        pin_memory=acc.device.type not in ("cpu", "mps"),  # MPS shares host memory: nothing to pin
     )
 
 

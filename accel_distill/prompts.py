@@ -62,6 +62,7 @@ def encode_cached(
 
     The cache is keyed by the prompts, the length and the text encoder's source.
     """
+    from diffusers.training_utils import free_memory
     from safetensors.torch import load_file, save_file
 
     meta = {"prompts": json.dumps(prompts), "max_length": str(max_length), "source": source}
@@ -69,7 +70,6 @@ def encode_cached(
         embeds = family.encode_prompts(source, prompts, max_length, acc.device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt_embeds": embeds.float().contiguous()}, str(cache), metadata=meta)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()  # the text encoder is gone: give its memory back on any accelerator
     acc.wait_for_everyone()  # one process encodes; the others read the file
     return load_file(str(cache))["prompt_embeds"]

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def apply_trainable(module: torch.nn.Module, trainable: bool) -> torch.nn.Module:
     """The one place that sets requires_grad and train/eval mode together."""

@@ -37,6 +37,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from diffusers.training_utils import free_memory
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import fail, looks_local
@@ -324,8 +325,7 @@ class ValidationCallback(Callback):
                 frames.append(to_frames(video[0]))
         finally:
             vae.to("cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory()
         return frames
 
     def run(self, step: int) -> float:

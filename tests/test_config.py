@@ -236,8 +236,45 @@ ERROR_CASES = [
         ["roles.teacher.trainable:", "frozen"],
         id="trainable-teacher",
     ),
+    # keys of older versions that did nothing: an error that says what became of them
     pytest.param(
-        "dmd2", setk("roles.student.family", "flux"), [], ["roles.student.family:", "'flux'"], id="role-family-mismatch"
+        "dmd2", setk("roles.student.family", "wan"), [], ["roles.student.family:", "removed"], id="removed-role-family"
+    ),
+    pytest.param(
+        "dmd2",
+        setk("method_config.attn_kind", "dense"),
+        [],
+        ["method_config.attn_kind:", "removed", "attention_backend"],
+        id="removed-attn-kind",
+    ),
+    pytest.param(
+        "finetune",
+        setk("method_config.loss", "flow_matching"),
+        [],
+        ["method_config.loss:", "removed", "pred_type"],
+        id="removed-finetune-loss",
+    ),
+    # speed switches
+    pytest.param(
+        "dmd2",
+        setk("training.attention_backend", "flahs"),
+        [],
+        ["training.attention_backend:", "'flahs'", "'flash'"],
+        id="unknown-attention-backend",
+    ),
+    pytest.param(
+        "dmd2",
+        setk("roles.critic.attention_backend", "sage"),
+        [],
+        ["roles.critic.attention_backend:", "'sage'", "not usable"],
+        id="uninstalled-attention-backend",
+    ),
+    pytest.param(
+        "dmd2",
+        setk("training.compile", "yes please"),
+        [],
+        ["training.compile:", "true or false"],
+        id="compile-not-bool",
     ),
     # registries
     pytest.param(
@@ -488,7 +525,7 @@ def test_cli_process_num_gpus_mismatch(make_config):
 
 @pytest.fixture
 def seed_config(tmp_path, tiny_wan, tiny_teacher, latent_data) -> tuple[Path, Path]:
-    """The seed YAML with only its paths replaced by local ones."""
+    """The seed YAML with its paths replaced by local ones and its removed ``attn_kind`` line dropped."""
     validation = tmp_path / "validation.json"
     validation.write_text(json.dumps({"data": [{"caption": "a cat"}]}))
     out = tmp_path / "out"
@@ -502,9 +539,24 @@ def seed_config(tmp_path, tiny_wan, tiny_teacher, latent_data) -> tuple[Path, Pa
     ):
         assert old in text
         text = text.replace(old, new)
+    # FastVideo's attn_kind did nothing here and was removed (test_seed_attn_kind_is_refused_by_name)
+    assert SEED_ATTN_KIND_LINE in text
+    text = text.replace(SEED_ATTN_KIND_LINE, "")
     path = tmp_path / "seed.yaml"
     path.write_text(text, encoding="utf-8")
     return path, out
+
+
+SEED_ATTN_KIND_LINE = "  attn_kind: dense\n"
+
+
+def test_seed_attn_kind_is_refused_by_name(seed_config, capsys):
+    """The verbatim seed names a removed key: one line that says what replaced it, not a silent no-op."""
+    path, out = seed_config
+    path.write_text(path.read_text(encoding="utf-8") + SEED_ATTN_KIND_LINE, encoding="utf-8")
+    assert main(["--config", str(path)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "method_config.attn_kind:", "removed", "attention_backend")
+    assert not out.exists()
 
 
 def test_seed_yaml_is_copied_verbatim():
@@ -527,7 +579,7 @@ def test_seed_yaml_loads_unchanged(seed_config, tiny_wan, tiny_teacher):
     assert t.log_validation is True and t.wandb_run_name == "my_run"
     assert p.flow_shift == 3.0 and p.sampler_kind == "ode"
     assert m.rollout_mode == "simulate" and m.generator_update_interval == 1
-    assert m.real_score_guidance_scale == 1.0 and m.attn_kind == "dense"
+    assert m.real_score_guidance_scale == 1.0
     assert m.dmd_denoising_steps == [999.0, 750.0, 500.0, 250.0, 0.0]
     assert {r: (rc.path, rc.trainable) for r, rc in cfg.roles.items()} == {
         "student": (str(tiny_wan), True),

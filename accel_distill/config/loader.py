@@ -112,6 +112,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     )
     validate_roles(cfg, method_cls)
     validate_training(cfg)
+    validate_speed_switches(cfg)
     family_cls.validate_config(cfg)
     method_cls.validate_config(cfg)
     return cfg
@@ -132,8 +133,6 @@ def validate_roles(cfg: RunConfig, method_cls: type) -> None:
                 key,
                 f"method {name!r} does not use this role (it uses {wanted})" + suggest(role, method_cls.required_roles),
             )
-        if rc.family is not None and rc.family != cfg.recipe.family:
-            fail(src, f"{key}.family", f"is {rc.family!r} but recipe.family is {cfg.recipe.family!r}")
         must = method_cls.role_trainable.get(role)
         if must is not None and rc.trainable != must:
             fail(src, f"{key}.trainable", f"method {name!r} needs this role {'trainable' if must else 'frozen'}")
@@ -195,8 +194,9 @@ def validate_training(cfg: RunConfig) -> None:
         check_range(src, f"training.betas[{i}]", beta, 0.0, 0.999999)
     _check_scheduler_name(src, "training.lr_scheduler", t.lr_scheduler)
     check_path(src, "training.data_path", t.data_path)
+    t.mixed_precision = precision = mixed_precision(cfg)  # resolved once: builder and --dry-run see the same
     trainable = [r for r, rc in cfg.roles.items() if rc.trainable]
-    if t.mixed_precision == "fp16" and len(trainable) > 1:
+    if precision == "fp16" and len(trainable) > 1:
         fail(
             src,
             "training.mixed_precision",
@@ -221,6 +221,53 @@ def validate_training(cfg: RunConfig) -> None:
     for name in ("height", "width", "num_frames"):
         check_range(src, f"pipeline_config.{name}", getattr(p, name), 1)
     check_path(src, "pipeline_config.negative_prompt_embeds", p.negative_prompt_embeds)
+
+
+def mixed_precision(cfg: RunConfig) -> str:
+    """The run's mixed precision: the recipe's, else the launcher's, else ``"no"``.
+
+    A recipe value that contradicts the launcher's bf16/fp16 is a config error: which
+    one the user meant cannot be guessed.
+    """
+    from accel_distill.precision import LAUNCH_ENV, MIXED_PRECISIONS, launch_mixed_precision
+
+    recipe, launch = cfg.training.mixed_precision, launch_mixed_precision()
+    key = "training.mixed_precision"
+    if launch is not None and launch not in MIXED_PRECISIONS:
+        fail(cfg.source, key, f"the launcher asks for {launch!r} ({LAUNCH_ENV}); supported: no, bf16, fp16")
+    if recipe is not None and launch is not None and recipe != launch:
+        fail(
+            cfg.source,
+            key,
+            f"is {recipe!r} but the launcher asks for {launch!r} (accelerate launch --mixed_precision or its "
+            "config file); make them agree or leave training.mixed_precision unset",
+        )
+    return recipe or launch or "no"
+
+
+def validate_speed_switches(cfg: RunConfig) -> None:
+    """Attention backends must be diffusers backends whose packages are installed."""
+    names = {"training.attention_backend": cfg.training.attention_backend}
+    names.update({f"roles.{r}.attention_backend": rc.attention_backend for r, rc in cfg.roles.items()})
+    for key, name in names.items():
+        if name is not None:
+            check_attention_backend(cfg.source, key, name)
+
+
+def check_attention_backend(source: str, key: str, name: str) -> None:
+    """Fail unless ``name`` is a diffusers attention backend usable here (its kernels installed)."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    valid = [b.value for b in dispatch.AttentionBackendName]
+    if name not in valid:
+        fail(source, key, f"unknown attention backend {name!r}" + suggest(name, valid).replace("keys", "backends"))
+    check = getattr(dispatch, "_check_attention_backend_requirements", None)
+    if check is None:  # diffusers moved its check: set_attention_backend still refuses at load time
+        return
+    try:
+        check(dispatch.AttentionBackendName(name))
+    except (RuntimeError, ImportError) as e:
+        fail(source, key, f"attention backend {name!r} is not usable here: {str(e).splitlines()[0]}")
 
 
 def resolved_dict(cfg: RunConfig) -> dict:

@@ -8,7 +8,7 @@ dataclass (``method_config``), so adding a method never edits this file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -58,15 +58,21 @@ class RoleConfig:
     ``fake_score_learning_rate`` / ``fake_score_betas``).
     """
 
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "family": "removed: every role belongs to recipe.family; delete the key",
+    }
+
     path: str
     trainable: bool = False
-    family: str | None = None
     subfolder: str = "transformer"
     revision: str | None = None
     # Weight dtype of the role. Default: fp32 master weights for trainable roles,
     # the mixed-precision dtype for frozen ones (a bf16 teacher halves its memory).
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     gradient_checkpointing: bool = False
+    # Speed switches; unset inherits training.attention_backend / training.compile.
+    attention_backend: str | None = None
+    compile: bool | None = None
     # Frozen roles under FSDP: only rank 0 reads the weights, the others receive their shards.
     rank0_loading: bool = True
     lora: LoraSpec | None = None
@@ -93,8 +99,15 @@ class TrainingConfig:
     dataloader_num_workers: int = 2
     shuffle: bool = True
     num_gpus: int | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Unset: the launcher's setting (accelerate launch --mixed_precision / its config file), else "no".
+    # Set and different from a launcher's bf16/fp16: a config error. YAML's bare `no` (false) means "no".
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     allow_tf32: bool = True
+    # diffusers attention backend of every role's transformer ("native" SDPA, "flash", "_flash_3",
+    # "sage", "flex", ...; see diffusers' AttentionBackendName). Unset: diffusers' default (native).
+    attention_backend: str | None = None
+    # Regional torch.compile of each role's transformer blocks (diffusers compile_repeated_blocks).
+    compile: bool = False
 
     learning_rate: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)

@@ -46,7 +46,10 @@ def build(cls: type, data: Any, key: str, source: str) -> Any:
         fail(source, key, f"expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    removed = getattr(cls, "REMOVED_KEYS", {})  # keys of older versions: say what became of them
     for name in data:
+        if name in removed:
+            fail(source, join(key, str(name)), removed[name])
         if name not in fields:
             fail(source, join(key, str(name)), "unknown key" + suggest(str(name), fields))
     kwargs = {}
@@ -94,6 +97,8 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if value is None:
         fail(source, key, "must not be empty (null)")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in args:
             fail(source, key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

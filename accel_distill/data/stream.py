@@ -121,6 +121,7 @@ class LatentStream:
         require_latents: bool = True,
         expected_latent_channels: int | None = None,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -138,6 +139,8 @@ class LatentStream:
         self.text_max_length = text_max_length
         self.expected_latent_channels = expected_latent_channels
         self.prefetch = prefetch
+        # Page-locked batches, so the trainer's non_blocking copy to an accelerator overlaps compute.
+        self.pin_memory = pin_memory
 
         self._files = find_parquet_files(data_path)
         self._metadata: dict[str, pq.FileMetaData] = {}
@@ -298,6 +301,8 @@ class LatentStream:
                 while index + gb <= len(order):
                     rows = order[index + mine : index + mine + bs]
                     batch = reader.batch(rows)
+                    if self.pin_memory:  # in the prefetch thread, off the training loop's critical path
+                        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                     # (epoch, global row) per sample: keys per-sample random streams downstream
                     # a plain list: it stays on the host when the batch moves to the device (no sync to read it)
                     batch["sample_keys"] = [(epoch, int(r)) for r in rows]

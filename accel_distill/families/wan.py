@@ -20,6 +20,7 @@ from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, FlowMatchAdapter
+from accel_distill.precision import half_dtype_for
 from accel_distill.registry import register_family
 from accel_distill.roles import RoleHandle
 
@@ -250,8 +251,9 @@ class WanFamily(Family):
 
     def encode_prompts(self, source: str, prompts: list[str], max_length: int, device: torch.device) -> torch.Tensor:
         # UMT5-XXL is ~11 GB in bf16: half precision on accelerators, fp32 on CPU. Loaded once per call.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        embeds = self.media_encoder(source, dtype=dtype, device=device).encode_text(prompts, max_length)
+        embeds = self.media_encoder(source, dtype=half_dtype_for(device), device=device).encode_text(
+            prompts, max_length
+        )
         out = torch.zeros(len(embeds), max_length, embeds[0].shape[-1])  # zero padding, as WanPipeline's
         for i, e in enumerate(embeds):
             out[i, : e.shape[0]] = e.float()

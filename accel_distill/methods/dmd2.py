@@ -18,7 +18,7 @@ sample instead of running a second rollout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,10 @@ from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
 
 @dataclass
 class DMD2Config:
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "attn_kind": "removed: attention is chosen by training.attention_backend (or roles.<role>.attention_backend)",
+    }
+
     # "simulate": backward simulation from pure noise (train == inference, data-free);
     # "data": the student denoises noised data latents at one of its steps.
     rollout_mode: Literal["simulate", "data"] = "simulate"
@@ -47,7 +51,6 @@ class DMD2Config:
     shift_score_timesteps: bool = True
     # How far (in timestep units) the exported scheduler may miss a requested step.
     step_tolerance: float = 1.0
-    attn_kind: Literal["dense"] = "dense"
 
 
 def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:

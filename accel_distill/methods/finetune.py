@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,10 @@ from accel_distill.registry import register_method
 
 @dataclass
 class FinetuneConfig:
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "loss": "removed: the loss is always flow matching; method_config.pred_type picks its target (flow or x0)",
+    }
+
     # "uniform": u ~ U(0, 1); "logit_normal": u = sigmoid(N(logit_mean, logit_std)) (SD3).
     # Either is then shifted with the family's flow_shift, as at inference.
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
@@ -25,7 +29,6 @@ class FinetuneConfig:
     cfg_dropout_rate: float = 0.1
     # Space of the regression target: the flow (noise - x0) or the clean latent x0.
     pred_type: Literal["flow", "x0"] = "flow"
-    loss: Literal["flow_matching"] = "flow_matching"
 
 
 @register_method("finetune")

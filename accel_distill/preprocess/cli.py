@@ -9,7 +9,6 @@ main process only. User mistakes print one ``error:`` line and exit 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 
 from accel_distill.errors import ConfigError, UserError
 
-STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _positive(kind):
@@ -57,7 +56,7 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-group-size", type=_positive(int), default=64, help="rows per parquet row group (default 64)")
     p.add_argument(
         "--store-dtype",
-        choices=sorted(STORE_DTYPES),
+        choices=STORE_DTYPES,
         default="fp32",
         help="dtype the tensors are stored in, recorded in the *_dtype columns (default fp32, the only one "
         "FastVideo's reader understands; bf16 halves the size and accel_distill reads it)",
@@ -128,14 +127,11 @@ class Dist:
 
 
 def distributed() -> Dist:
-    """``accelerate.PartialState`` when launched with several processes, else a single local process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """This process's rank, world and device from ``accelerate.PartialState`` (any accelerator, or the CPU)."""
+    from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return Dist(0, 1, device, lambda: None)
+    state = PartialState()
+    return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
 
 
 def _settings(args: argparse.Namespace, digest: str, count: int) -> dict:
@@ -146,6 +142,8 @@ def _settings(args: argparse.Namespace, digest: str, count: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accel_distill.precision import dtype_of
+
     from .encode import make_encoder, resolve_dtype
     from .jobs import MediaJob, inputs_digest, preprocess_media, preprocess_prompts, write_negative, write_validation
     from .manifest import discover, read_prompts
@@ -166,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path} (training.validation_dataset_file)")
         return 0
 
-    store_dtype = STORE_DTYPES[args.store_dtype]
+    store_dtype = dtype_of(args.store_dtype)
     if args.command == "prompts":
         prompts = read_prompts(args.prompts)
         store = ShardStore(args.output, _settings(args, inputs_digest(prompts), len(prompts)))

@@ -15,15 +15,12 @@ import torch
 
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import MediaEncoder
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from accel_distill.precision import dtype_of, half_dtype_for
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; else the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    """``auto`` -> bf16 on an accelerator, fp32 on the CPU; else the named dtype."""
+    return half_dtype_for(device) if name == "auto" else dtype_of(name)
 
 
 def make_encoder(
