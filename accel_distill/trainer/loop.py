@@ -43,7 +43,12 @@ class TrainerState:
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
+    """Tensors to ``device`` (asynchronous from pinned batches); lists and strings stay on the host."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# Below this loss scale a run of fp16 overflows is divergence, not the scaler finding its range.
+MIN_LOSS_SCALE = 1.0
 
 
 class Trainer:
@@ -65,6 +70,9 @@ class Trainer:
         self.state = state or TrainerState()
         self.save_checkpoint = save_checkpoint
         self.callbacks = list(callbacks)
+        # Callback metrics are host floats (never tensors: they would live on the wrong device);
+        # they wait here for the next logged iteration.
+        self.pending_extras: dict[str, float] = {}
         # Every logged step also lands here as one JSON line (main process), whatever the trackers.
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         if self.metrics_file is not None and self.acc.is_main_process:
@@ -108,7 +116,9 @@ class Trainer:
         """
         from torch.distributed.tensor import DTensor
 
-        self.acc.unscale_gradients()  # fp16: once, for the single trainable role fp16 allows
+        # fp16: unscale once per iteration (the single trainable role fp16 allows), so the norms are
+        # true norms; the scaler's update() follows in step(), whether the optimizer steps or not.
+        self.acc.unscale_gradients()
         norms = {}
         for name, module, max_norm in self.method.grad_clip_targets(iteration):
             limit = max_norm if max_norm is not None else math.inf
@@ -117,18 +127,36 @@ class Trainer:
             norms[f"grad_norm/{name}"] = norm.detach().float()
         return norms
 
+    def _finite(self, losses: list[torch.Tensor], norms: list[torch.Tensor]) -> tuple[bool, bool]:
+        """(losses finite, gradient norms finite) on every rank: the iteration's one host-device sync."""
+
+        def bad(values: list[torch.Tensor]) -> torch.Tensor:
+            if not values:
+                return torch.zeros((), device=self.acc.device)
+            stacked = torch.stack([v.detach().reshape(()).float().to(self.acc.device) for v in values])
+            return (~torch.isfinite(stacked)).any().float()
+
+        flags = torch.stack([bad(losses), bad(norms)])
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(flags, reduction="sum")  # every rank decides alike
+        bad_loss, bad_grad = flags.tolist()
+        return bad_loss == 0, bad_grad == 0
+
     def _all_finite(self, values: list[torch.Tensor]) -> bool:
-        stacked = torch.stack([v.detach().reshape(()).float().to(self.acc.device) for v in values])
-        bad = (~torch.isfinite(stacked)).any().float()
-        return bool(self.acc.reduce(bad, reduction="sum").item() == 0)  # one sync; every rank decides alike
+        """Whether every value is finite on every rank (one sync)."""
+        return all(self._finite(values, []))
 
     def _log(self, metrics: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
         names = sorted(metrics)
         stacked = torch.stack([metrics[n].reshape(()) for n in names])
         means = self.acc.reduce(stacked, reduction="mean").tolist() if self.acc.num_processes > 1 else stacked.tolist()
         logs = dict(zip(names, means))
+        logs.update(self.pending_extras)
+        self.pending_extras = {}
         for name, opt in self.method.optimizer_dict.items():
             logs[f"lr/{name}"] = opt.param_groups[0]["lr"]
+        if self.acc.scaler is not None:
+            logs["loss_scale"] = float(self.acc.scaler.get_scale())
         logs.update(step_time=step_time, skipped_steps=float(self.state.skipped_steps))
         self.acc.log(logs, step=self.state.iteration)
         if self.metrics_file is not None and self.acc.is_main_process:
@@ -141,16 +169,41 @@ class Trainer:
         """One iteration: G micro-batches, then clip + step (or skip if non-finite)."""
         it = self.state.iteration
         metrics = self._forward_backward(it)
-        metrics.update(self._clip(it))
+        norms = self._clip(it)
+        loss_ok, grads_ok = self._finite(list(metrics.values()), list(norms.values()))
+        metrics.update(norms)
         stepped: list[str] = []
-        if self._all_finite(list(metrics.values())):
-            self.method.optimizers_schedulers_step(it)
+        if loss_ok and grads_ok:
+            self.method.optimizers_schedulers_step(it)  # with fp16, accelerate's optimizer updates the scaler
             self.state.consecutive_nonfinite = 0
             stepped = [
                 name for name, opt in self.method.optimizer_dict.items() if opt in self.method.get_optimizers(it)
             ]
         else:
-            self.state.skipped_steps += 1
+            self._skip(it, scale_overflow=loss_ok)
+        self.method.optimizers_zero_grad(it)
+        self.state.iteration += 1
+        for callback in self.callbacks:
+            self.pending_extras.update({k: float(v) for k, v in callback.on_step_end(self, it, stepped).items()})
+        return metrics
+
+    def _skip(self, it: int, *, scale_overflow: bool) -> None:
+        """Skip this iteration's update; raise after too many in a row.
+
+        With fp16, a finite loss whose gradients overflow is the loss scaler finding its
+        range (normal early on): the scaler backs off and it does not count as divergence
+        until the scale falls below ``MIN_LOSS_SCALE``.
+        """
+        self.state.skipped_steps += 1
+        scaler = self.acc.scaler
+        if scaler is not None:
+            scaler.update()  # halves the scale after an overflow; the next unscale_ needs it either way
+        overflow = scaler is not None and scale_overflow and scaler.get_scale() >= MIN_LOSS_SCALE
+        if overflow:
+            logger.info(
+                f"iteration {it}: fp16 gradient overflow, update skipped, loss scale lowered", main_process_only=True
+            )
+        else:
             self.state.consecutive_nonfinite += 1
             logger.warning(f"iteration {it}: non-finite loss or gradient, update skipped", main_process_only=True)
             if self.state.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
@@ -159,11 +212,6 @@ class Trainer:
                     f"loss or gradient (training.max_consecutive_nonfinite) at iteration {it}; lower the learning "
                     "rate or check the data"
                 )
-        self.method.optimizers_zero_grad(it)
-        self.state.iteration += 1
-        for callback in self.callbacks:
-            metrics.update({k: torch.tensor(float(v)) for k, v in callback.on_step_end(self, it, stepped).items()})
-        return metrics
 
     def run(self) -> TrainerState:
         cfg = self.cfg
