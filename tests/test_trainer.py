@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from accel_distill.config.schema import TrainingConfig
 from accel_distill.families.base import FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
 from accel_distill.roles import ModelBundle, RoleHandle
-from accel_distill.trainer import Trainer, TrainingDiverged
+from accel_distill.trainer import Callback, Trainer, TrainingDiverged
 
 
 class NoModelAdapter(FlowMatchAdapter):
@@ -29,7 +30,7 @@ class Regression(DistillMethod):
     name = "regression"
     required_roles = ("student",)
 
-    def __init__(self, accelerator: Accelerator, *, poison: set[int] = frozenset()):
+    def __init__(self, accelerator: Accelerator, *, poison: set[int] = frozenset(), blow_up: set[int] = frozenset()):
         model = torch.nn.Linear(4, 1, bias=False)
         torch.nn.init.zeros_(model.weight)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -40,7 +41,7 @@ class Regression(DistillMethod):
         )
         cfg = SimpleNamespace(training=SimpleNamespace(seed=0), method_config=None)
         super().__init__(bundle, NoModelAdapter(1.0, 4), cfg, device=accelerator.device)
-        self.poison, self.calls = poison, 0
+        self.poison, self.blow_up, self.calls = poison, blow_up, 0
 
     def train_step(self, batch, iteration):
         self.calls += 1
@@ -48,6 +49,8 @@ class Regression(DistillMethod):
         loss = ((pred - batch["y"]) ** 2).mean()
         if iteration in self.poison:
             loss = loss * float("nan")
+        if iteration in self.blow_up:  # finite in fp32, but x the loss scale it overflows
+            loss = loss * 1e35
         return {"total_loss": loss}, {}
 
 
@@ -111,3 +114,65 @@ def test_trainer_names_no_role_and_no_method():
     names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
     for word in ("student", "teacher", "critic", "dmd2", "finetune"):
         assert not any(word in s for s in strings) and word not in names
+
+
+class ConstantMetric(Callback):
+    name = "constant"
+
+    def on_step_end(self, trainer, iteration, stepped):
+        return {"callback_metric": 0.5}
+
+
+def test_no_tensor_is_created_off_the_accelerator_device(accelerator, tmp_path):
+    """Tensors the loop makes must name the accelerator's device (a CUDA run died on CPU metric tensors).
+
+    Under a ``meta`` default device, any tensor created without a device lands on meta and
+    mixing it with the losses fails, which is what a CPU tensor among CUDA losses does on a GPU.
+    """
+    method = Regression(accelerator)
+    data = [next(batches(4)) for _ in range(4)]  # made before the default device changes
+    trainer = Trainer(
+        accelerator,
+        method,
+        iter(data),
+        training(max_train_steps=4, log_every=2),
+        callbacks=[ConstantMetric()],
+        metrics_file=tmp_path / "m.jsonl",
+    )
+    with torch.device("meta"):
+        trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4]
+    assert all(r["callback_metric"] == 0.5 and math.isfinite(r["total_loss"]) for r in rows)
+
+
+def fp16_accelerator() -> Accelerator:
+    """An accelerator with a real GradScaler and fp16 autocast on the CPU (accelerate gives neither there)."""
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    acc.native_amp = True
+    return acc
+
+
+def test_fp16_overflow_is_skipped_with_a_lower_loss_scale_and_training_goes_on(tmp_path, monkeypatch):
+    """An fp16 gradient overflow skips the update, halves the scale, and the next iteration trains.
+
+    Before the fix, the skipped iteration never reached ``scaler.update()``, so the next
+    ``unscale_`` raised: dynamic loss scaling could not survive its first overflow.
+    """
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    acc = fp16_accelerator()
+    method = Regression(acc, blow_up={1})
+    trainer = Trainer(acc, method, batches(4), training(max_train_steps=4), metrics_file=tmp_path / "m.jsonl")
+    weights, scales = [], []
+    for _ in range(4):
+        trainer.step()
+        weights.append(method.bundle["student"].transformer.weight.detach().clone())
+        scales.append(acc.scaler.get_scale())
+    assert not torch.equal(weights[0], torch.zeros_like(weights[0]))  # iteration 0 stepped
+    assert torch.equal(weights[0], weights[1])  # the overflow was skipped
+    assert not torch.equal(weights[1], weights[2]) and not torch.equal(weights[2], weights[3])
+    assert scales[1] == scales[0] / 2 and scales[2] == scales[1] == scales[3]
+    # a scaler finding its range is not divergence; the skip is still counted
+    assert trainer.state.skipped_steps == 1 and trainer.state.consecutive_nonfinite == 0
+    assert all(math.isfinite(v) for v in weights[-1].flatten().tolist())
