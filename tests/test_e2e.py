@@ -87,13 +87,19 @@ STOCK_SAMPLER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["data", "simulate"])
+STOCK_SCHEDULERS = {"sde": "FlowMatchLCMScheduler", "ode": "FlowMatchEulerDiscreteScheduler"}
+
+
+@pytest.mark.parametrize(("mode", "sampler"), [("data", "sde"), ("simulate", "sde"), ("simulate", "ode")])
 def test_dmd2_trains_and_stock_diffusers_samples_the_export(
-    mode, tmp_path, tiny_wan, tiny_teacher, latent_data, text_data
+    mode, sampler, tmp_path, tiny_wan, tiny_teacher, latent_data, text_data
 ):
+    """Train, export, and stock WanPipeline samples the export at the trained timesteps with latents
+    equal to our sampler's, for each pipeline_config.sampler_kind (sde: LCM re-noising, ode: Euler)."""
     out = tmp_path / "out"
     cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data if mode == "data" else text_data, out)
     cfg["method_config"]["rollout_mode"] = mode
+    cfg["pipeline_config"]["sampler_kind"] = sampler
     if mode == "simulate":  # text-only data: the video size comes from the config
         cfg["pipeline_config"].update(num_frames=5, height=32, width=32)
     assert_ok(run_cli("--config", str(write_config(tmp_path / "dmd2.yaml", cfg))))
@@ -126,8 +132,8 @@ def test_dmd2_trains_and_stock_diffusers_samples_the_export(
     )
     assert_ok(proc)
     stock = torch.load(tmp_path / "r.pt")
-    schedule = fit_few_step_schedule([1000, 757, 522])
-    assert stock["scheduler"] == "FlowMatchLCMScheduler"
+    schedule = fit_few_step_schedule([1000, 757, 522], kind=sampler)
+    assert stock["scheduler"] == STOCK_SCHEDULERS[sampler] == info["scheduler"]["class"]
     assert stock["timesteps"] == list(schedule.timesteps)  # exactly what the student trained on
 
     from diffusers import WanTransformer3DModel
