@@ -25,8 +25,6 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "tokenizers>=0.20",
-        # accel_distill.hub catches its transport errors
-        "httpx>=0.27",
         # preprocessing (accel_distill.preprocess): video decoding (wheels bundle ffmpeg), images
         "av>=12",
         "pillow>=9",

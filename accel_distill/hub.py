@@ -318,6 +318,23 @@ def public_export_info(folder: str | Path) -> bytes:
     return (json.dumps(info, indent=2) + "\n").encode()
 
 
+def public_file(folder: Path, rel: str) -> str | bytes:
+    """What the push sends for ``rel``: the file, less this machine's paths (export info, configs' local
+    ``_name_or_path``, which diffusers and transformers write and ignore when loading)."""
+    if rel == EXPORT_INFO_FILE:
+        return public_export_info(folder)
+    path = folder / rel
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return str(path)
+        name = data.get("_name_or_path") if isinstance(data, dict) else None
+        if isinstance(name, str) and name and not is_hub_id(name):
+            return (json.dumps({k: v for k, v in data.items() if k != "_name_or_path"}, indent=2) + "\n").encode()
+    return str(path)
+
+
 def _scrub(text: str, token: str | None) -> str:
     """``text`` with the token (if any) masked, for error messages."""
     from huggingface_hub import get_token
@@ -341,7 +358,6 @@ def push_export(
     ``token`` None lets huggingface_hub resolve it (``HF_TOKEN`` or the cached login).
     Hub refusals (no/invalid token, no write access, bad repo id) raise :class:`UserError`.
     """
-    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
@@ -360,11 +376,9 @@ def push_export(
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         # one commit: the folder as upload_folder would send it, but the info file without local paths
         operations = [
-            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=public_file(folder, rel))
             for rel in files_to_upload(folder)
-            if rel != EXPORT_INFO_FILE
         ]
-        operations.append(CommitOperationAdd(path_in_repo=EXPORT_INFO_FILE, path_or_fileobj=public_export_info(folder)))
         api.create_commit(
             repo_id,
             operations=operations,
@@ -375,7 +389,10 @@ def push_export(
     except HfHubHTTPError as e:
         first = _scrub(str(e), token).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"push to {repo_id} failed: {first}") from None
-    except httpx.TransportError as e:
+    except Exception as e:
+        # huggingface_hub 1.x raises httpx's TransportError, 2.x httpx2's: match either by name
+        if not any(c.__name__ == "TransportError" for c in type(e).__mro__):
+            raise
         raise UserError(f"cannot reach the Hub at {constants.ENDPOINT}: {_scrub(str(e), token)}") from None
     return str(url)
 
