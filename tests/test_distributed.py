@@ -1,55 +1,18 @@
 """Two real processes on CPU (gloo): DDP and FSDP2, save / resume / export, sharding, equivalence.
 
-FSDP runs go through ``tests/launch/fsdp_cpu.py``, a test-only shim that keeps
-accelerate's FSDP plugin on CPU so the project's own FSDP2 path is what runs.
+FSDP runs go through ``tests/launch/fsdp_cpu.py`` (see ``tests/launching.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, base_config, run_cli, write_config
+from conftest import base_config, run_cli, write_config
+from launching import TRAIN, backend_launch, launch
 from safetensors.torch import load_file
-
-FSDP_SHIM = str(ROOT / "tests" / "launch" / "fsdp_cpu.py")
-TRAIN = str(ROOT / "train_distill.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(accelerate_config: str, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with 2 CPU processes, as the README documents (mixed precision off on CPU)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / accelerate_config)]
-    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--main_process_port", str(free_port()), script, *args]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def backend_launch(backend: str) -> tuple[str, str]:
-    """(accelerate config, script) of a backend: DDP runs train_distill.py, FSDP the CPU shim."""
-    if backend == "ddp":
-        return "accelerate_configs/ddp8.yaml", TRAIN
-    return "accelerate_configs/fsdp8.yaml", FSDP_SHIM
 
 
 def straight_then_resumed(
@@ -158,18 +121,8 @@ def test_finetune_two_processes_match_one_with_double_batch(backend, tmp_path, t
 def test_num_gpus_must_match_the_launch(tmp_path, tiny_wan, tiny_teacher, latent_data):
     cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
     cfg["training"]["num_gpus"] = 8
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs/ddp8.yaml"),
-    ]
-    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    cmd += ["--main_process_port", str(free_port()), TRAIN, "--config", str(write_config(tmp_path / "r.yaml", cfg))]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    config = str(write_config(tmp_path / "r.yaml", cfg))
+    proc = launch("accelerate_configs/ddp8.yaml", TRAIN, "--config", config, check=False)
     assert proc.returncode != 0
     assert "training.num_gpus: is 8 but 2 processes were launched" in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
