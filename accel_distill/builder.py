@@ -24,7 +24,7 @@ from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_sha
 from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, FlowMatchAdapter
 from accel_distill.methods.base import DistillMethod
-from accel_distill.precision import dtype_of
+from accel_distill.precision import dtype_of, has_accelerator
 from accel_distill.prompts import encode_cached, load_embedding_file
 from accel_distill.registry import FAMILIES, METHODS
 from accel_distill.roles import ModelBundle, RoleHandle, apply_trainable, attach_lora
@@ -45,6 +45,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         mixed_precision=t.mixed_precision,  # resolved against the launcher's by the config loader
         log_with=list(t.trackers) or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=os.path.join(t.output_dir, "logs")),
+        # No accelerator at all: say so, or a CPU host's multi-process launch starts single processes.
+        cpu=not has_accelerator(),
     )
     if t.allow_tf32 and acc.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

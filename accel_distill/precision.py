@@ -34,6 +34,12 @@ def half_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees any accelerator (CUDA, ROCm, MPS, XPU, ...), not only CUDA."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def launch_mixed_precision() -> str | None:
     """The launcher's mixed precision (``accelerate launch --mixed_precision`` / its config file), if any.
 

@@ -2,6 +2,7 @@
 
 * bf16 finetune and DMD2, each with EMA + validation + LoRA, in process: forward hooks on the
   fp32 layers that train see bf16 outputs (they could not without autocast);
+* bf16 DMD2 + EMA on 2 processes, DDP and FSDP2 (through the test-only ``tests/launch/fsdp_cpu.py``);
 * which precision wins when the recipe and ``accelerate launch`` disagree;
 * fp16 dynamic loss scaling across an overflowed iteration. accelerate makes no ``GradScaler`` and no
   autocast for fp16 on CPU, so that test gives the accelerator torch's CPU ones, as accelerate does on a GPU.
@@ -17,6 +18,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import base_config, run_cli, write_config
+from launching import backend_launch, launch
 from safetensors.torch import load_file
 
 import accel_distill.run
@@ -156,6 +158,29 @@ def test_bf16_autocast_with_lora_ema_and_validation(
         base = load_file(tiny_wan / "transformer" / "diffusion_pytorch_model.safetensors")
         critic = load_file(out / "checkpoints" / "checkpoint-2" / "model_1.safetensors")
         assert any(not torch.equal(critic[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_bf16_dmd2_with_ema_on_two_processes(backend, tmp_path, tiny_wan, tiny_teacher, latent_data):
+    out = tmp_path / "out"
+    cfg = base_config("dmd2", tiny_wan, tiny_teacher, latent_data, out)
+    cfg["roles"]["student"]["ema"] = {"decay": 0.9}
+    cfg["training"].update(mixed_precision="bf16", max_train_steps=2, checkpointing_steps=2)
+    accelerate_config, script = backend_launch(backend)
+    launch(accelerate_config, script, "--config", str(write_config(tmp_path / "run.yaml", cfg)), mixed_precision="bf16")
+
+    assert all(r["skipped_steps"] == 0 for r in finite_rows(out, 2).values())
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in ckpt.glob("rank_state_*.pt")) == ["rank_state_0.pt", "rank_state_1.pt"]  # 2 ranks
+    assert (ckpt / ("pytorch_model_fsdp_0" if backend == "fsdp" else "model.safetensors")).exists()
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(out / "export", subfolder="transformer")
+    base = load_file(tiny_wan / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights = exported.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(not torch.equal(weights[k], base[k]) for k in base)  # the (EMA) student moved
+    assert json.loads((out / "export" / "accel_distill_export.json").read_text())["ema"] is True
 
 
 def plan_line(stdout: str) -> str:

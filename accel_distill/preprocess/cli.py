@@ -130,7 +130,9 @@ def distributed() -> Dist:
     """This process's rank, world and device from ``accelerate.PartialState`` (any accelerator, or the CPU)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    from accel_distill.precision import has_accelerator
+
+    state = PartialState(cpu=not has_accelerator())  # a CPU host's multi-process launch needs cpu=True
     return Dist(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
 
 
