@@ -88,12 +88,23 @@ WORDS = [
 ] + "a an the of handwritten digit cat dog video photo red blue green one two three".split()
 
 
-def build_tiny_wan(path: str | Path, *, size: str = "tiny", seed: int = 0, flow_shift: float = 3.0) -> Path:
-    """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it."""
+def build_tiny_wan(
+    path: str | Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    flow_shift: float = 3.0,
+    transformer_config: dict | None = None,
+) -> Path:
+    """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it.
+
+    ``transformer_config`` (``WanTransformer3DModel`` keyword arguments) replaces the
+    named ``size``; the VAE stays tiny and the text encoder matches its ``text_dim``.
+    """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     torch.manual_seed(seed)
-    cfg = tiny_transformer_config(size)
+    cfg = dict(transformer_config) if transformer_config is not None else tiny_transformer_config(size)
     transformer = WanTransformer3DModel(**cfg)
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
