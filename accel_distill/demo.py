@@ -81,14 +81,22 @@ def sample_grid(teacher: Path, student: Path, out_png: Path, seed: int = 0) -> d
     return times
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m accel_distill.demo",
+        description=f"Distill {TEACHER} with DMD2 ({CONFIG}) and write {ROOT}/samples.png.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"dotted overrides of {CONFIG}")
+    overrides = parser.parse_args(argv).overrides
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not (TEACHER / "model_index.json").exists():
         print(f"error: {TEACHER} missing; rebuild it with python -m accel_distill.digits.build", file=sys.stderr)
         return 2
     write_prompt_data(TEACHER, ROOT / "data")
     start = time.perf_counter()
-    code = train_main(["--config", CONFIG, *sys.argv[1:]])
+    code = train_main(["--config", CONFIG, *overrides])
     if code != 0:
         return code
     print(f"distilled in {time.perf_counter() - start:.1f}s; metrics in {ROOT}/run/logs/metrics.jsonl")

@@ -57,7 +57,8 @@ def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor)
     """Normalised DMD direction (fake - real) / mean|x0 - real|, per sample, NaN-safe."""
     dims = tuple(range(1, x0.dim()))
     scale = (x0.float() - real_x0.float()).abs().mean(dim=dims, keepdim=True)
-    return torch.nan_to_num((fake_x0.float() - real_x0.float()) / scale)
+    # a sample already equal to the teacher's x0 (scale 0) gets no push, not +-inf
+    return torch.nan_to_num(torch.where(scale > 0, (fake_x0.float() - real_x0.float()) / scale, 0.0))
 
 
 def dmd_pseudo_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
