@@ -84,9 +84,29 @@ def time_run(report: str, config: str, iterations: int) -> int:
     ok = all(math.isfinite(v) for r in rows for k, v in r.items() if k.endswith("loss"))
     roles = {name: speed_switches(role.transformer) for name, role in rt.bundle.roles.items()}
     error = None if ok else "a non-finite loss"
+    syncs = [counted_syncs(trainer.step, device) for _ in range(2)]  # after the timed ones: not in their time
     result = {"rc": 0 if ok else 1, "error": error, "setup_seconds": setup, "iterations": rows, "roles": roles}
+    result["host_syncs_per_iteration"] = None if None in syncs else syncs
     _write(report, {**result, **_peaks()})
     return 0 if ok else 1
+
+
+def counted_syncs(step, device) -> int | None:
+    """Host-device synchronisations ``step()`` makes, by CUDA's sync debug mode (None off CUDA)."""
+    import warnings
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def speed_switches(model) -> dict:

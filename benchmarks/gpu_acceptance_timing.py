@@ -74,6 +74,13 @@ def timing(rep, args, mode: R.Mode, assets: dict, root: Path) -> list[R.Job]:
                 continue
             wrong = not_applied(job.report.get("roles", {}), backend, compile_)
             rep.add(name, not wrong, wrong or timing_line(row, job))
+            syncs = job.report.get("host_syncs_per_iteration")
+            if syncs is None:
+                rep.add(
+                    f"{name} host syncs", "SKIP", "counted by CUDA's sync debug mode (tests/test_host_syncs.py on CPU)"
+                )
+            else:  # Trainer.step outside logging: the finiteness check alone
+                rep.add(f"{name} host syncs", max(syncs) <= 1, f"{syncs} per iteration (limit 1)")
             base = base or row
             if row is not base:
                 agree(rep, name, row, base)
