@@ -102,8 +102,9 @@ def build_trainer(cfg_dict: dict, path: Path):
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the device's queued work (any accelerator; nothing to wait for on the CPU)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def timed(fn, device: torch.device) -> float:
