@@ -418,3 +418,72 @@ def test_sample_keys_name_each_sample_by_epoch_and_row(tmp_path):
     keys = [next(it)["sample_keys"] for _ in range(4)]  # 2 batches per epoch on this rank
     assert [[e for e, _ in k] for k in keys] == [[0, 0], [0, 0], [1, 1], [1, 1]]
     assert [r for k in keys[:2] for _, r in k] == s.rank_order(0).tolist()
+
+
+# -- extra tensor columns -------------------------------------------------------------------
+
+
+def with_extra(samples, seed=1):
+    """Give each sample a bf16 'first_frame' [16, 1, 4, 4] and an int64 'mask' [3]."""
+    g = torch.Generator().manual_seed(seed)
+    for i, s in enumerate(samples):
+        s["tensors"] = {
+            "first_frame": torch.randn(16, 1, 4, 4, generator=g).to(torch.bfloat16),
+            "mask": torch.tensor([i, 1, 0]),
+        }
+    return samples
+
+
+def test_extra_tensor_columns_are_stacked_in_their_stored_dtype(tmp_path):
+    samples = with_extra(make_samples(6))
+    write_parquet(tmp_path / "d.parquet", samples, row_group_size=4)
+    names = pq.ParquetFile(tmp_path / "d.parquet").schema_arrow.names
+    assert {"first_frame_bytes", "first_frame_shape", "first_frame_dtype", "mask_bytes"} <= set(names)
+    by_id = {s["id"]: s for s in samples}
+    s = stream(tmp_path / "d.parquet", batch_size=3, extra_tensor_columns=["first_frame", "mask"])
+    for batch in take(s, 3):
+        assert batch["first_frame"].shape == (3, 16, 1, 4, 4) and batch["first_frame"].dtype == torch.bfloat16
+        assert batch["mask"].dtype == torch.int64
+        for i, sid in enumerate(batch["ids"]):
+            assert torch.equal(batch["first_frame"][i], by_id[sid]["tensors"]["first_frame"])
+            assert torch.equal(batch["mask"][i], by_id[sid]["tensors"]["mask"])
+    assert "mask" not in next(iter(stream(tmp_path / "d.parquet")))  # only what is asked for
+
+
+def test_write_tensor_columns_round_trip():
+    from accel_distill.data import read_tensor_columns, tensor_columns, write_tensor_columns
+
+    t = torch.randn(2, 3).to(torch.bfloat16)
+    row = write_tensor_columns({"id": "x"}, "clip_embed", t)
+    assert set(row) == {"id", *tensor_columns("clip_embed")} and row["clip_embed_dtype"] == "bfloat16"
+    assert torch.equal(read_tensor_columns(row, "clip_embed"), t)
+
+
+def test_missing_extra_tensor_column_names_file_and_column(tmp_path):
+    write_parquet(tmp_path / "a.parquet", with_extra(make_samples(4)))
+    write_parquet(tmp_path / "b.parquet", make_samples(4))
+    with pytest.raises(DataError, match=f"{esc(tmp_path / 'b.parquet')}: column 'mask_bytes' is missing"):
+        stream(tmp_path, extra_tensor_columns=["mask"])
+
+
+def test_null_or_mismatched_extra_tensor_names_the_row(tmp_path):
+    path = tmp_path / "d.parquet"
+    write_parquet(path, with_extra(make_samples(4)))
+    table = pq.read_table(path)
+    shapes = table.column("mask_shape").to_pylist()
+    shapes[3] = None
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("mask_shape"), "mask_shape", pa.array(shapes)), bad)
+    with pytest.raises(DataError, match=f"{esc(bad)} row 3 \\(id 's003'\\): 'mask' is missing"):
+        stream(bad, extra_tensor_columns=["mask"])  # in the first row group: found at start-up
+    samples = with_extra(make_samples(4))
+    samples[1]["tensors"]["mask"] = torch.tensor([1, 2])
+    write_parquet(path, samples)
+    with pytest.raises(DataError, match="'mask' differs within a batch: .*row 0 .* row 1"):
+        next(iter(stream(path, shuffle=False, extra_tensor_columns=["mask"])))
+
+
+@pytest.mark.parametrize("name", ["latents", "ids", "vae_latent"])
+def test_extra_tensor_names_cannot_shadow_batch_keys(dataset, name):
+    with pytest.raises(ValueError, match="not a usable name"):
+        stream(dataset[0], extra_tensor_columns=[name])

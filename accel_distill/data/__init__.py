@@ -17,8 +17,11 @@ from .schema import (
     bytes_to_tensor,
     dtype_from_name,
     dtype_name,
+    read_tensor_columns,
+    tensor_columns,
     tensor_to_bytes,
     write_parquet,
+    write_tensor_columns,
 )
 from .stream import LatentStream, find_parquet_files
 
@@ -41,6 +44,9 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "find_parquet_files",
+    "read_tensor_columns",
+    "tensor_columns",
     "tensor_to_bytes",
     "write_parquet",
+    "write_tensor_columns",
 ]

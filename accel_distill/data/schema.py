@@ -19,17 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+
+def tensor_columns(name: str) -> tuple[str, str, str]:
+    """The three columns a tensor ``name`` is stored in: ``{name}_bytes``, ``{name}_shape``, ``{name}_dtype``."""
+    return f"{name}_bytes", f"{name}_shape", f"{name}_dtype"
+
+
 ID = "id"
 CAPTION = "caption"
-LATENT_BYTES = "vae_latent_bytes"
-LATENT_SHAPE = "vae_latent_shape"
-LATENT_DTYPE = "vae_latent_dtype"
-TEXT_BYTES = "text_embedding_bytes"
-TEXT_SHAPE = "text_embedding_shape"
-TEXT_DTYPE = "text_embedding_dtype"
-
-LATENT_COLUMNS = (LATENT_BYTES, LATENT_SHAPE, LATENT_DTYPE)
-TEXT_COLUMNS = (TEXT_BYTES, TEXT_SHAPE, TEXT_DTYPE)
+LATENT = "vae_latent"
+TEXT = "text_embedding"
+LATENT_COLUMNS = LATENT_BYTES, LATENT_SHAPE, LATENT_DTYPE = tensor_columns(LATENT)
+TEXT_COLUMNS = TEXT_BYTES, TEXT_SHAPE, TEXT_DTYPE = tensor_columns(TEXT)
 REQUIRED_COLUMNS = (ID, *TEXT_COLUMNS, CAPTION)
 
 # Optional per-sample metadata, with the arrow type FastVideo uses.
@@ -83,6 +84,25 @@ def tensor_to_bytes(t: torch.Tensor) -> tuple[bytes, list[int], str]:
     return t.numpy().tobytes(), list(t.shape), name
 
 
+def write_tensor_columns(row: dict, name: str, tensor: torch.Tensor) -> dict:
+    """Store ``tensor`` in ``row`` (a parquet row dict) as the three columns of :func:`tensor_columns`; returns ``row``."""
+    b, s, d = tensor_columns(name)
+    row[b], row[s], row[d] = tensor_to_bytes(tensor)
+    return row
+
+
+def read_tensor_columns(row: dict, name: str) -> torch.Tensor:
+    """The tensor ``name`` of a parquet row dict written by :func:`write_tensor_columns` (its stored dtype)."""
+    b, s, d = tensor_columns(name)
+    return bytes_to_tensor(row[b], row[s], row[d])
+
+
+def tensor_fields(name: str) -> list[pa.Field]:
+    """Arrow fields of the three columns of tensor ``name``."""
+    b, s, d = tensor_columns(name)
+    return [pa.field(b, pa.binary()), pa.field(s, pa.list_(pa.int64())), pa.field(d, pa.string())]
+
+
 def copy_bytes_into(dst: torch.Tensor, buf: Any) -> None:
     """Copy a raw byte buffer (bytes, memoryview, pyarrow Buffer) into contiguous ``dst`` of the same byte size."""
     src = np.frombuffer(buf, dtype=np.uint8)
@@ -102,21 +122,14 @@ def bytes_to_tensor(b: Any, shape: Sequence[int], dtype: str) -> torch.Tensor:
     return out
 
 
-def _arrow_schema(with_latents: bool, metadata_keys: Sequence[str]) -> pa.Schema:
+def _arrow_schema(with_latents: bool, metadata_keys: Sequence[str], tensor_names: Sequence[str] = ()) -> pa.Schema:
     fields = [pa.field(ID, pa.string())]
     if with_latents:
-        fields += [
-            pa.field(LATENT_BYTES, pa.binary()),
-            pa.field(LATENT_SHAPE, pa.list_(pa.int64())),
-            pa.field(LATENT_DTYPE, pa.string()),
-        ]
-    fields += [
-        pa.field(TEXT_BYTES, pa.binary()),
-        pa.field(TEXT_SHAPE, pa.list_(pa.int64())),
-        pa.field(TEXT_DTYPE, pa.string()),
-        pa.field(CAPTION, pa.string()),
-    ]
+        fields += tensor_fields(LATENT)
+    fields += [*tensor_fields(TEXT), pa.field(CAPTION, pa.string())]
     fields += [pa.field(k, METADATA_FIELDS[k]) for k in METADATA_FIELDS if k in metadata_keys]
+    for name in tensor_names:
+        fields += tensor_fields(name)
     return pa.schema(fields)
 
 
@@ -125,15 +138,24 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
 
     Each sample: ``id`` (str), ``text_embedding`` (Tensor [L, D]), optional
     ``latent`` (Tensor [C, T, H, W]; all samples or none), ``caption`` (str,
-    default ""), and any of the optional metadata keys (missing ones are null).
+    default ""), any of the optional metadata keys (missing ones are null), and
+    optional ``tensors``: ``{name: Tensor}`` of extra per-row tensors, stored as
+    ``{name}_bytes/_shape/_dtype`` (every sample names the same tensors; read back with
+    ``LatentStream(extra_tensor_columns=[name])``).
     Small row groups keep the reader's memory bounded and its shuffle fine-grained.
     """
     if not samples:
         raise ValueError(f"write_parquet({path}): no samples")
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
-    known = {ID, "text_embedding", "latent", CAPTION, *METADATA_FIELDS}
+    known = {ID, "text_embedding", "latent", CAPTION, "tensors", *METADATA_FIELDS}
     with_latents = "latent" in samples[0]
+    tensor_names = sorted(samples[0].get("tensors", {}))
+    taken = set(_arrow_schema(True, list(METADATA_FIELDS)).names)
+    for name in tensor_names:
+        clash = sorted(set(tensor_columns(name)) & taken)
+        if clash:
+            raise ValueError(f"extra tensor {name!r} would overwrite column {clash[0]!r}")
     metadata_keys: set[str] = set()
     for i, s in enumerate(samples):
         unknown = set(s) - known
@@ -144,16 +166,18 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
                 raise ValueError(f"sample {i} has no {key!r}")
         if ("latent" in s) != with_latents:
             raise ValueError(f"sample {i}: either every sample has a 'latent' or none does")
+        if sorted(s.get("tensors", {})) != tensor_names:
+            raise ValueError(f"sample {i}: tensors {sorted(s.get('tensors', {}))}, sample 0 has {tensor_names}")
         metadata_keys |= set(s) & set(METADATA_FIELDS)
-    schema = _arrow_schema(with_latents, sorted(metadata_keys))
+    schema = _arrow_schema(with_latents, sorted(metadata_keys), tensor_names)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Tensor bytes barely compress and never repeat: storing them plain (no compression, no
     # dictionary) reads ~5x faster than pyarrow's defaults; small columns keep the defaults.
-    tensor_columns = [c for c in (LATENT_BYTES, TEXT_BYTES) if c in schema.names]
-    compression = {c: "none" if c in tensor_columns else "snappy" for c in schema.names}
-    dictionary = [c for c in schema.names if c not in tensor_columns]
+    byte_columns = [c for c in schema.names if c.endswith("_bytes")]
+    compression = {c: "none" if c in byte_columns else "snappy" for c in schema.names}
+    dictionary = [c for c in schema.names if c not in byte_columns]
     # One row group per write_table call keeps memory (and binary offsets) bounded.
     with pq.ParquetWriter(path, schema, compression=compression, use_dictionary=dictionary) as writer:
         for start in range(0, len(samples), row_group_size):
@@ -162,16 +186,13 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
 
 
 def _row(sample: dict, with_latents: bool, metadata_keys: set[str]) -> dict:
-    text, text_shape, text_dtype = tensor_to_bytes(sample["text_embedding"])
-    row: dict[str, Any] = {
-        ID: str(sample[ID]),
-        TEXT_BYTES: text,
-        TEXT_SHAPE: text_shape,
-        TEXT_DTYPE: text_dtype,
-        CAPTION: str(sample.get(CAPTION, "")),
-    }
+    row: dict[str, Any] = {ID: str(sample[ID])}
+    write_tensor_columns(row, TEXT, sample["text_embedding"])
+    row[CAPTION] = str(sample.get(CAPTION, ""))
     if with_latents:
-        row[LATENT_BYTES], row[LATENT_SHAPE], row[LATENT_DTYPE] = tensor_to_bytes(sample["latent"])
+        write_tensor_columns(row, LATENT, sample["latent"])
     for key in metadata_keys:
         row[key] = sample.get(key)
+    for name, tensor in sample.get("tensors", {}).items():
+        write_tensor_columns(row, name, tensor)
     return row

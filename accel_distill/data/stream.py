@@ -45,6 +45,7 @@ from .schema import (
     TEXT_SHAPE,
     copy_bytes_into,
     dtype_from_name,
+    tensor_columns,
 )
 
 # Keys of state_dict() that must match on load: otherwise the saved index means different samples.
@@ -91,6 +92,7 @@ class _Row:
     latent: Any = None
     latent_shape: list[int] | None = None
     latent_dtype: torch.dtype | None = None
+    extra: dict[str, tuple[Any, list[int], torch.dtype]] | None = None  # name -> (buffer, shape, dtype)
 
     def where(self) -> str:
         return f"{self.file} row {self.file_row} (id {self.id!r})"
@@ -102,7 +104,10 @@ class LatentStream:
     Yields ``{"latents": [B,C,T,H,W], "text_embeds": [B, text_max_length, D],
     "ids": [...], "captions": [...], "sample_keys": [(epoch, row), ...]}`` with tensors in their
     stored dtype (``sample_keys`` is each sample's (epoch, global row));
-    ``latents`` is absent for text-only data. Text embeddings are zero-padded at
+    ``latents`` is absent for text-only data. Each name of ``extra_tensor_columns`` (a
+    tensor stored FastVideo-style in ``{name}_bytes/_shape/_dtype`` columns, written with
+    ``write_tensor_columns`` or ``write_parquet(samples with "tensors")``) is one more key,
+    its tensors stacked along a new batch dimension in their stored dtype. Text embeddings are zero-padded at
     the end, as diffusers' WanPipeline pads prompt embeds. The last incomplete
     global batch of an epoch is dropped; the next epoch starts fresh. Keep one live
     iterator at a time: each one advances the shared position.
@@ -120,6 +125,7 @@ class LatentStream:
         text_max_length: int,
         require_latents: bool = True,
         expected_latent_channels: int | None = None,
+        extra_tensor_columns: Sequence[str] = (),
         prefetch: int = 2,
         pin_memory: bool = False,
     ) -> None:
@@ -131,6 +137,7 @@ class LatentStream:
             raise ValueError(
                 f"need seed >= 0, text_max_length >= 1, prefetch >= 0, got {seed=} {text_max_length=} {prefetch=}"
             )
+        self.extra_tensor_columns = _check_extra_names(extra_tensor_columns)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -158,6 +165,8 @@ class LatentStream:
                 f"{world_size} rank(s)"
             )
         self._columns = [ID, CAPTION, *TEXT_COLUMNS, *(LATENT_COLUMNS if self.has_latents else ())]
+        self._columns += [c for name in self.extra_tensor_columns for c in tensor_columns(name)]
+        self._byte_columns = {c for c in self._columns if c.endswith("_bytes")}
         self._check_first_group()
 
         self._epoch = 0
@@ -179,6 +188,12 @@ class LatentStream:
             for column in REQUIRED_COLUMNS:
                 if column not in schema.names:
                     raise DataError(f"{file}: required column {column!r} is missing")
+            for name in self.extra_tensor_columns:
+                for column in tensor_columns(name):
+                    if column not in schema.names:
+                        raise DataError(
+                            f"{file}: column {column!r} is missing (extra_tensor_columns asks for {name!r})"
+                        )
             if LATENT_BYTES in schema.names:
                 for column in LATENT_COLUMNS:
                     if column not in schema.names:
@@ -208,7 +223,7 @@ class LatentStream:
 
     def _check_first_group(self) -> None:
         """Fail at start-up, not hours in, if the first rows do not fit (shape/dtype columns only)."""
-        reader = _Reader(self, columns=[c for c in self._columns if c not in (TEXT_BYTES, LATENT_BYTES)])
+        reader = _Reader(self, columns=[c for c in self._columns if c not in self._byte_columns])
         g = self._groups[0]
         for i in range(g.num_rows):
             reader.row(g.start + i, with_bytes=False)
@@ -342,7 +357,7 @@ class _Reader:
             raise DataError(f"cannot read row group {g.index} of {g.file}: {e}") from e
         # Byte columns become zero-copy buffers per row; small ones become lists.
         self._cols = {
-            c: _value_buffers(table.column(c)) if c in (TEXT_BYTES, LATENT_BYTES) else table.column(c).to_pylist()
+            c: _value_buffers(table.column(c)) if c in self.s._byte_columns else table.column(c).to_pylist()
             for c in self.columns
         }
         self._group = gi
@@ -374,11 +389,18 @@ class _Reader:
                 )
             if with_bytes:
                 r.latent = self._buffer(r, "latent", c[LATENT_BYTES][i], r.latent_shape, r.latent_dtype)
+        r.extra = {}
+        for name in self.s.extra_tensor_columns:
+            b, sh, dt = tensor_columns(name)
+            if c[sh][i] is None or c[dt][i] is None:
+                raise DataError(f"{r.where()}: {name!r} is missing (null {sh if c[sh][i] is None else dt})")
+            shape, dtype = self._shape_dtype(r, name, c[sh][i], c[dt][i], ndim=None)
+            r.extra[name] = (self._buffer(r, name, c[b][i], shape, dtype) if with_bytes else None, shape, dtype)
         return r
 
     @staticmethod
-    def _shape_dtype(r: _Row, what: str, shape: Any, dtype: Any, ndim: int) -> tuple[list[int], torch.dtype]:
-        if shape is None or len(shape) != ndim:
+    def _shape_dtype(r: _Row, what: str, shape: Any, dtype: Any, ndim: int | None) -> tuple[list[int], torch.dtype]:
+        if shape is None or (ndim is not None and len(shape) != ndim):
             raise DataError(f"{r.where()}: {what} shape {shape} is not {ndim}-D")
         try:
             return [int(s) for s in shape], dtype_from_name(dtype)
@@ -416,7 +438,33 @@ class _Reader:
             for i, r in enumerate(recs):
                 copy_bytes_into(latents[i], r.latent)
             batch = {"latents": latents, **batch}
+        for name in self.s.extra_tensor_columns:
+            _, shape, dtype = first.extra[name]
+            for r in recs[1:]:
+                if r.extra[name][1:] != (shape, dtype):
+                    raise DataError(
+                        f"{name!r} differs within a batch: {first.where()} is {shape} {dtype}, "
+                        f"{r.where()} is {r.extra[name][1]} {r.extra[name][2]}"
+                    )
+            out = torch.empty((len(recs), *shape), dtype=dtype)
+            for i, r in enumerate(recs):
+                copy_bytes_into(out[i].reshape(-1) if out[i].dim() == 0 else out[i], r.extra[name][0])
+            batch[name] = out
         return batch
+
+
+# Keys of a batch that an extra tensor column must not shadow.
+BATCH_KEYS = ("latents", "text_embeds", "ids", "captions", "sample_keys")
+
+
+def _check_extra_names(names: Sequence[str]) -> tuple[str, ...]:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for name in names:
+        if not isinstance(name, str) or not name or name in (*BATCH_KEYS, "vae_latent", "text_embedding"):
+            raise ValueError(f"extra_tensor_columns: {name!r} is not a usable name (taken: {', '.join(BATCH_KEYS)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"extra_tensor_columns: duplicate names in {list(names)}")
+    return names
 
 
 def _value_buffers(column: pa.ChunkedArray) -> list[pa.Buffer]:
