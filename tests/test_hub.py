@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,166 +16,20 @@ from accel_distill.errors import UserError
 from accel_distill.export import export_lora, export_student
 from accel_distill.hub import files_to_upload, is_hub_id, model_card_text, push_export, write_model_card
 from accel_distill.schedule import fit_few_step_schedule
+from accel_distill.testing.loopback_hub import serve
 from accel_distill.testing.tiny_wan import build_tiny_wan
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_TESTTOKEN_do_not_leak_123"
 REPO = "tester/tiny-dmd2"
 BASE_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # the student's source, served from an offline Hub cache
-MAX_BODY = 64 * 1024 * 1024
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".model")
-
-
-class FakeHub(ThreadingHTTPServer):
-    """Just the Hub endpoints create_repo + upload_folder use (shared/design/FACTS.md); the rest is 404."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.lock = threading.Lock()
-        self.requests: list[tuple[str, str]] = []
-        self.auth: list[str | None] = []
-        self.unexpected: list[tuple[str, str]] = []
-        self.created: list[dict] = []
-        self.yaml_checked: list[str] = []
-        self.lfs_blobs: dict[str, bytes] = {}
-        self.committed: dict[str, bytes | str] = {}  # path -> content (regular) or sha256 (LFS)
-        self.commit_headers: list[dict] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def uploaded_bytes(self, path: str) -> bytes:
-        value = self.committed[path]
-        return self.lfs_blobs[value] if isinstance(value, str) else value
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: FakeHub
-    timeout = 20  # a stuck client cannot hold a thread forever
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    self.rfile.readline()
-                    return out
-                out += self.rfile.read(size)
-                self.rfile.readline()
-                if len(out) > MAX_BODY:
-                    raise ValueError("body too large")
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise ValueError("body too large")
-        return self.rfile.read(length)
-
-    def _reply(self, status: int, payload: dict | None = None, *, body: bool = True) -> None:
-        data = json.dumps(payload or {}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        if status == 404:
-            self.send_header("X-Error-Code", "EntryNotFound")
-        self.send_header("Content-Length", str(len(data)) if body else "0")
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def _record(self) -> None:
-        with self.server.lock:
-            self.server.requests.append((self.command, self.path))
-            self.server.auth.append(self.headers.get("Authorization"))
-
-    def _unexpected(self, body: bool = True) -> None:
-        with self.server.lock:
-            self.server.unexpected.append((self.command, self.path))
-        self._reply(404, {"error": "not in the fake Hub"}, body=body)
-
-    def do_HEAD(self) -> None:
-        self._record()
-        if self.path.split("?")[0] == f"/{REPO}/resolve/main/README.md":
-            self._reply(404, body=False)  # no card yet; a HEAD reply has no body
-        else:
-            self._unexpected(body=False)
-
-    def do_GET(self) -> None:
-        self._record()
-        self._unexpected()
-
-    def do_PUT(self) -> None:
-        self._record()
-        body = self._body()
-        oid = self.path.removeprefix("/lfs-upload/")
-        if not self.path.startswith("/lfs-upload/") or hashlib.sha256(body).hexdigest() != oid:
-            return self._unexpected()
-        with self.server.lock:
-            self.server.lfs_blobs[oid] = body
-        self._reply(200)
-
-    def do_POST(self) -> None:
-        self._record()
-        path = self.path.split("?")[0]
-        body = self._body()
-        srv = self.server
-        if path == "/api/repos/create":
-            payload = json.loads(body)
-            with srv.lock:
-                srv.created.append(payload)
-            return self._reply(200, {"url": f"{srv.url}/{payload['organization']}/{payload['name']}"})
-        if path == "/api/validate-yaml":
-            with srv.lock:
-                srv.yaml_checked.append(json.loads(body)["content"])
-            return self._reply(200, {"errors": [], "warnings": []})
-        if path == f"/api/models/{REPO}/preupload/main":
-            files = json.loads(body)["files"]
-            modes = [
-                {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular"}
-                for f in files
-            ]
-            return self._reply(200, {"files": [{**m, "shouldIgnore": False} for m in modes]})
-        if path == f"/{REPO}.git/info/lfs/objects/batch":
-            objects = json.loads(body)["objects"]
-            actions = [
-                {
-                    "oid": o["oid"],
-                    "size": o["size"],
-                    "actions": {"upload": {"href": f"{srv.url}/lfs-upload/{o['oid']}"}},
-                }
-                for o in objects
-            ]
-            return self._reply(200, {"transfer": "basic", "objects": actions})
-        if path == f"/api/models/{REPO}/commit/main":
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                value = item["value"]
-                with srv.lock:
-                    if item["key"] == "header":
-                        srv.commit_headers.append(value)
-                    elif item["key"] == "file":
-                        srv.committed[value["path"]] = base64.b64decode(value["content"])
-                    elif item["key"] == "lfsFile":
-                        srv.committed[value["path"]] = value["oid"]
-            return self._reply(200, {"commitUrl": f"{srv.url}/{REPO}/commit/{'a' * 40}", "commitOid": "a" * 40})
-        self._unexpected()
 
 
 @pytest.fixture
 def fake_hub():
-    server = FakeHub()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    """The loopback Hub (accel_distill.testing.loopback_hub), accepting uploads to REPO."""
+    with serve(REPO) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def _transformer(source: Path):
