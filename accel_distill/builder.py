@@ -162,6 +162,8 @@ def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMa
         text_max_length=cfg.pipeline_config.text_max_length,
         require_latents=method_cls.needs_latents(cfg),
         expected_latent_channels=adapter.latent_channels,
+        # the text encoder width the transformer takes; an adapter without it skips the check
+        expected_text_dim=getattr(adapter, "text_dim", None),
         prefetch=t.dataloader_num_workers,
         pin_memory=acc.device.type not in ("cpu", "mps"),  # MPS shares host memory: nothing to pin
     )

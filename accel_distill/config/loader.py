@@ -7,6 +7,8 @@ not a 14B checkpoint load.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -169,6 +171,28 @@ def _check_scheduler_name(source: str, key: str, name: str | None) -> None:
         fail(source, key, f"unknown lr scheduler {name!r}" + suggest(name, valid))
 
 
+def check_data_path(source: str, data_path: str | list[str]) -> None:
+    """Every local entry of ``training.data_path`` exists (a pattern matches a file); Hub references parse."""
+    from accel_distill.data.sources import WILDCARDS, is_hub_reference, parse_hub_reference
+    from accel_distill.errors import DataError
+
+    entries = [data_path] if isinstance(data_path, str) else data_path
+    if not entries:
+        fail(source, "training.data_path", "the list is empty: name at least one file, folder or Hub dataset")
+    for i, path in enumerate(entries):
+        key = "training.data_path" if isinstance(data_path, str) else f"training.data_path[{i}]"
+        if is_hub_reference(path):
+            try:
+                parse_hub_reference(path)
+            except DataError as e:
+                fail(source, key, str(e))
+        elif any(c in path for c in WILDCARDS):
+            if not glob.glob(os.path.expanduser(path), recursive=True):
+                fail(source, key, f"no file matches the pattern {path}")
+        else:
+            check_path(source, key, path)
+
+
 def validate_training(cfg: RunConfig) -> None:
     """Ranges and paths of the trainer and pipeline sections."""
     src, t, p = cfg.source, cfg.training, cfg.pipeline_config
@@ -193,7 +217,7 @@ def validate_training(cfg: RunConfig) -> None:
     for i, beta in enumerate(t.betas):
         check_range(src, f"training.betas[{i}]", beta, 0.0, 0.999999)
     _check_scheduler_name(src, "training.lr_scheduler", t.lr_scheduler)
-    check_path(src, "training.data_path", t.data_path)
+    check_data_path(src, t.data_path)
     t.mixed_precision = precision = mixed_precision(cfg)  # resolved once: builder and --dry-run see the same
     trainable = [r for r, rc in cfg.roles.items() if rc.trainable]
     if precision == "fp16" and len(trainable) > 1:

@@ -91,7 +91,8 @@ class TrainingConfig:
     """Infrastructure: data, loop, optimizer defaults, checkpoints, logging."""
 
     output_dir: str
-    data_path: str
+    # One source or a list: local parquet files / folders / patterns, hf://datasets/OWNER/NAME[@REV][/PATH].
+    data_path: str | list[str]
     seed: int = 0
     max_train_steps: int = 1000
     train_batch_size: int = 1

@@ -93,6 +93,12 @@ def coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return coerce(inner[0], value, key, source)
+        # One scalar type or a list of them (str | list[str]): a YAML list is the list, anything else the
+        # scalar (so a comma in a single path is never split).
+        lists = [a for a in inner if get_origin(a) is list]
+        scalars = [a for a in inner if a not in lists]
+        if len(lists) == 1 and len(scalars) == 1:
+            return coerce(lists[0] if isinstance(value, (list, tuple)) else scalars[0], value, key, source)
         raise TypeError(f"unsupported union {tp}")
     if value is None:
         fail(source, key, "must not be empty (null)")

@@ -9,6 +9,7 @@ columns.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ TEXT = "text_embedding"
 LATENT_COLUMNS = LATENT_BYTES, LATENT_SHAPE, LATENT_DTYPE = tensor_columns(LATENT)
 TEXT_COLUMNS = TEXT_BYTES, TEXT_SHAPE, TEXT_DTYPE = tensor_columns(TEXT)
 REQUIRED_COLUMNS = (ID, *TEXT_COLUMNS, CAPTION)
+# Footer key-value metadata: the latent shape of every row, run-length encoded (JSON [[shape, count], ...]),
+# so a reader can bucket the rows without fetching the shape column of every row group (Hub reads).
+SHAPES_METADATA_KEY = b"accel_distill.vae_latent_shapes"
 
 # Optional per-sample metadata, with the arrow type FastVideo uses.
 METADATA_FIELDS: dict[str, pa.DataType] = {
@@ -170,6 +174,8 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
             raise ValueError(f"sample {i}: tensors {sorted(s.get('tensors', {}))}, sample 0 has {tensor_names}")
         metadata_keys |= set(s) & set(METADATA_FIELDS)
     schema = _arrow_schema(with_latents, sorted(metadata_keys), tensor_names)
+    if with_latents:
+        schema = schema.with_metadata({SHAPES_METADATA_KEY: json.dumps(_shape_runs(samples))})
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +189,17 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
         for start in range(0, len(samples), row_group_size):
             rows = [_row(s, with_latents, metadata_keys) for s in samples[start : start + row_group_size]]
             writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=row_group_size)
+
+
+def _shape_runs(samples: list[dict]) -> list[list]:
+    runs: list[list] = []
+    for s in samples:
+        shape = list(s["latent"].shape)
+        if runs and runs[-1][0] == shape:
+            runs[-1][1] += 1
+        else:
+            runs.append([shape, 1])
+    return runs
 
 
 def _row(sample: dict, with_latents: bool, metadata_keys: set[str]) -> dict:

@@ -1,77 +1,75 @@
-"""LatentStream: an endless, exactly resumable stream of training batches from parquet.
+"""LatentStream: an endless, exactly resumable stream of one-shape training batches from parquet.
 
-Why not ``datasets``' shuffle buffer: it cannot resume exactly and is ~3x
-slower than plain pyarrow (see FACTS.md). Instead every epoch gets a
-deterministic global order of all rows (row groups permuted, then rows
-within each group), cut into global batches of ``batch_size x world_size``;
-rank r takes the r-th share of each. The sample sequence is therefore the same
-for any world size with the same global batch (2 ranks x b see what 1 rank x 2b
-sees), and the position is just ``(epoch, global sample index)``: resuming is
-O(1), re-reads nothing, and also works after changing the number of ranks.
-Reading goes one row group at a time; every rank reads the groups its shares
-touch, so keep row groups small (``write_parquet`` defaults to 64 rows).
+Why not ``datasets``' iterable datasets: a shuffle buffer cannot resume exactly and
+reads ~3x slower than plain pyarrow (README, Data). ``datasets`` resolves the files
+(:mod:`.sources`); this module owns the order. Every epoch has a deterministic
+global order of all rows (row groups permuted, then rows within each group), cut
+into one-bucket global batches of ``batch_size x world_size`` (:mod:`.order`);
+rank r takes the r-th share of each. The sample sequence is therefore the same for
+any world size with the same global batch (2 ranks x b see what 1 rank x 2b sees),
+and the position is ``(epoch, global sample index, carried rows)``: resuming is O(1),
+re-reads nothing, and also works after changing the number of ranks. Reading goes
+one row group at a time (:mod:`.reader`); every rank reads the groups its shares
+touch, so keep row groups small.
 
 The stream splits by rank itself: do not let accelerate shard it again.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
+import logging
 import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from accel_distill.errors import DataError
 
+from .order import Epoch, epoch_batches, group_order
+from .reader import Reader
 from .schema import (
     CAPTION,
     ID,
     LATENT_BYTES,
     LATENT_COLUMNS,
-    LATENT_DTYPE,
     LATENT_SHAPE,
     REQUIRED_COLUMNS,
-    TEXT_BYTES,
+    SHAPES_METADATA_KEY,
     TEXT_COLUMNS,
-    TEXT_DTYPE,
-    TEXT_SHAPE,
-    copy_bytes_into,
-    dtype_from_name,
     tensor_columns,
 )
+from .sources import DataFile, resolve_data_files
+
+logger = logging.getLogger(__name__)
 
 # Keys of state_dict() that must match on load: otherwise the saved index means different samples.
 _FINGERPRINT = ("num_samples", "seed", "shuffle")
+# Keys of a batch that an extra tensor column must not shadow.
+BATCH_KEYS = ("latents", "text_embeds", "ids", "captions", "sample_keys")
+SCAN_THREADS = 16  # Hub files: footers and shape columns are fetched this many at a time
 
 
 def find_parquet_files(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Parquet files of a file, a directory (every ``*.parquet`` below it, sorted) or a list of those."""
-    paths = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
-    files: list[str] = []
-    for p in paths:
-        p = Path(p)
-        found = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file()) if p.is_dir() else []
-        if p.is_file():
-            found = [str(p)]
-        if not found:
-            raise DataError(f"no parquet files found at {p}")
-        files += found
-    return files
+    """Parquet files (local paths or pinned Hub URIs) of ``data_path``; see :mod:`.sources`."""
+    return [f.uri for f in resolve_data_files(data_path)]
 
 
 @dataclass(frozen=True)
 class _Group:
     """One parquet row group and where its rows sit in the file and in the global numbering."""
 
-    file: str
+    file: int  # index into the stream's files
     index: int  # row group index within the file
     file_row: int  # first row of the group within the file (for error messages)
     start: int  # first row of the group in the global numbering
@@ -79,23 +77,14 @@ class _Group:
 
 
 @dataclass
-class _Row:
-    """One decoded-enough row: shapes, dtypes and zero-copy byte buffers."""
+class _FileScan:
+    metadata: pq.FileMetaData
+    names: list[str]
+    shapes: np.ndarray | None  # int64 [rows, 4] latent shapes, None for text-only files
 
-    file: str
-    file_row: int
-    id: str
-    caption: str
-    text: Any = None
-    text_shape: list[int] | None = None
-    text_dtype: torch.dtype | None = None
-    latent: Any = None
-    latent_shape: list[int] | None = None
-    latent_dtype: torch.dtype | None = None
-    extra: dict[str, tuple[Any, list[int], torch.dtype]] | None = None  # name -> (buffer, shape, dtype)
 
-    def where(self) -> str:
-        return f"{self.file} row {self.file_row} (id {self.id!r})"
+def shape_name(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
 
 
 class LatentStream:
@@ -103,19 +92,24 @@ class LatentStream:
 
     Yields ``{"latents": [B,C,T,H,W], "text_embeds": [B, text_max_length, D],
     "ids": [...], "captions": [...], "sample_keys": [(epoch, row), ...]}`` with tensors in their
-    stored dtype (``sample_keys`` is each sample's (epoch, global row));
+    stored dtype (``sample_keys`` is each sample's (epoch, global row), unique over a run);
     ``latents`` is absent for text-only data. Each name of ``extra_tensor_columns`` (a
     tensor stored FastVideo-style in ``{name}_bytes/_shape/_dtype`` columns, written with
     ``write_tensor_columns`` or ``write_parquet(samples with "tensors")``) is one more key,
-    its tensors stacked along a new batch dimension in their stored dtype. Text embeddings are zero-padded at
-    the end, as diffusers' WanPipeline pads prompt embeds. The last incomplete
-    global batch of an epoch is dropped; the next epoch starts fresh. Keep one live
+    its tensors stacked along a new batch dimension in their stored dtype. Text embeddings
+    are zero-padded at the end, as diffusers' WanPipeline pads prompt embeds.
+
+    Every batch holds one latent shape (a bucket, see :mod:`.order`); rows left over in a
+    bucket at the end of an epoch open its first batch of the next epoch. Checks: the
+    latent channels (``expected_latent_channels``) and text width (``expected_text_dim``)
+    of every row against the model, text length, byte sizes, and (``check_finite``) NaN/inf
+    in every tensor, each failing with one line naming the file and row. Keep one live
     iterator at a time: each one advances the shared position.
     """
 
     def __init__(
         self,
-        data_path: str | list[str],
+        data_path: str | os.PathLike | Sequence[str | os.PathLike],
         *,
         batch_size: int,
         seed: int,
@@ -125,7 +119,9 @@ class LatentStream:
         text_max_length: int,
         require_latents: bool = True,
         expected_latent_channels: int | None = None,
+        expected_text_dim: int | None = None,
         extra_tensor_columns: Sequence[str] = (),
+        check_finite: bool = True,
         prefetch: int = 2,
         pin_memory: bool = False,
     ) -> None:
@@ -145,17 +141,21 @@ class LatentStream:
         self.world_size = world_size
         self.text_max_length = text_max_length
         self.expected_latent_channels = expected_latent_channels
+        self.expected_text_dim = expected_text_dim
+        self.check_finite = check_finite
         self.prefetch = prefetch
         # Page-locked batches, so the trainer's non_blocking copy to an accelerator overlaps compute.
         self.pin_memory = pin_memory
 
-        self._files = find_parquet_files(data_path)
-        self._metadata: dict[str, pq.FileMetaData] = {}
+        self.data_path = data_path
+        self._files: list[DataFile] = resolve_data_files(data_path)
+        self._metadata: list[pq.FileMetaData] = []
         self._groups: list[_Group] = []
-        self.has_latents = self._scan(require_latents)
+        shapes = self._scan(require_latents)
         self._starts = np.array([g.start for g in self._groups], dtype=np.int64)
-        self.num_samples = sum(g.num_rows for g in self._groups)  # all ranks together
-        where = self._files[0] if len(self._files) == 1 else f"{len(self._files)} files under {data_path}"
+        self._sizes = np.array([g.num_rows for g in self._groups], dtype=np.int64)
+        self.num_samples = int(self._sizes.sum())  # all ranks together
+        where = str(self._files[0]) if len(self._files) == 1 else f"{len(self._files)} files under {data_path}"
         if self.num_samples == 0:
             raise DataError(f"empty dataset: {where} holds 0 rows")
         self.global_batch = batch_size * world_size
@@ -164,81 +164,151 @@ class LatentStream:
                 f"{where}: {self.num_samples} samples are fewer than one global batch of {batch_size} per rank x "
                 f"{world_size} rank(s)"
             )
+        self._make_buckets(shapes)
         self._columns = [ID, CAPTION, *TEXT_COLUMNS, *(LATENT_COLUMNS if self.has_latents else ())]
         self._columns += [c for name in self.extra_tensor_columns for c in tensor_columns(name)]
-        self._byte_columns = {c for c in self._columns if c.endswith("_bytes")}
         self._check_first_group()
+        if rank == 0:
+            self._report_buckets()
 
         self._epoch = 0
         self._index = 0
+        self._carry = np.zeros((0, 2), dtype=np.int64)  # rows carried into the current epoch
         self._generation = 0  # bumped by load_state_dict so live iterators restart there
+        self._plan_cache: tuple[tuple, Epoch] | None = None
 
     # -- metadata ------------------------------------------------------------------
 
-    def _scan(self, require_latents: bool) -> bool:
-        """Read every file's footer: row groups, row counts, required columns. Returns has_latents."""
-        with_latents: list[str] = []
-        without_latents: list[str] = []
-        for file in self._files:
-            try:
-                meta = pq.read_metadata(file)
-                schema = meta.schema.to_arrow_schema()
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"cannot read parquet file {file}: {e}") from e
-            for column in REQUIRED_COLUMNS:
-                if column not in schema.names:
-                    raise DataError(f"{file}: required column {column!r} is missing")
-            for name in self.extra_tensor_columns:
-                for column in tensor_columns(name):
-                    if column not in schema.names:
-                        raise DataError(
-                            f"{file}: column {column!r} is missing (extra_tensor_columns asks for {name!r})"
-                        )
-            if LATENT_BYTES in schema.names:
-                for column in LATENT_COLUMNS:
-                    if column not in schema.names:
-                        raise DataError(f"{file}: required column {column!r} is missing")
-                with_latents.append(file)
-            elif require_latents:
-                raise DataError(
-                    f"{file}: required column {LATENT_BYTES!r} is missing (text-only data; "
-                    "latents are required unless the method is data-free)"
-                )
-            else:
-                without_latents.append(file)
-            self._metadata[file] = meta
-            file_row = 0
-            for i in range(meta.num_row_groups):
-                n = meta.row_group(i).num_rows
-                if n:
-                    start = self._groups[-1].start + self._groups[-1].num_rows if self._groups else 0
-                    self._groups.append(_Group(file, i, file_row, start, n))
-                file_row += n
-        if with_latents and without_latents:
+    def _scan(self, require_latents: bool) -> np.ndarray | None:
+        """Every file's footer (and latent shapes): row groups, row counts, columns. Returns all latent shapes."""
+        remote = any(f.remote for f in self._files)
+        if remote and len(self._files) > 1:
+            with ThreadPoolExecutor(min(SCAN_THREADS, len(self._files)), thread_name_prefix="scan") as pool:
+                scans = list(pool.map(self._scan_file, self._files))
+        else:
+            scans = [self._scan_file(f) for f in self._files]
+        with_latents = [f for f, s in zip(self._files, scans) if s.shapes is not None]
+        without = [f for f, s in zip(self._files, scans) if s.shapes is None]
+        if without and require_latents:
             raise DataError(
-                f"{without_latents[0]} has no {LATENT_BYTES!r} column but {with_latents[0]} has: "
+                f"{without[0]}: required column {LATENT_BYTES!r} is missing (text-only data; "
+                "latents are required unless the method is data-free)"
+            )
+        if with_latents and without:
+            raise DataError(
+                f"{without[0]} has no {LATENT_BYTES!r} column but {with_latents[0]} has: "
                 "do not mix text-only and latent data"
             )
-        return bool(with_latents)
+        start = 0
+        for fi, scan in enumerate(scans):
+            self._metadata.append(scan.metadata)
+            file_row = 0
+            for i in range(scan.metadata.num_row_groups):
+                n = scan.metadata.row_group(i).num_rows
+                if n:
+                    self._groups.append(_Group(fi, i, file_row, start, n))
+                    start += n
+                file_row += n
+        self.has_latents = bool(with_latents)
+        return np.concatenate([s.shapes for s in scans]) if self.has_latents else None
+
+    def _scan_file(self, file: DataFile) -> _FileScan:
+        try:
+            with pq.ParquetFile(file.open()) as pf:
+                meta, schema = pf.metadata, pf.schema_arrow
+                names = schema.names
+                self._check_columns(file, names)
+                if LATENT_BYTES not in names:
+                    return _FileScan(meta, names, None)
+                shapes = _shapes_from_footer(schema, meta.num_rows)
+                if shapes is None:
+                    shapes = _shapes_from_column(file, pf.read(columns=[LATENT_SHAPE]).column(0))
+        except DataError:
+            raise
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read parquet file {file}: {e}") from e
+        except Exception as e:  # Hub reads fail with huggingface_hub / httpx errors
+            raise DataError(f"cannot read parquet file {file}: {type(e).__name__}: {e}") from e
+        channels = self.expected_latent_channels
+        if channels is not None and len(shapes) and (shapes[:, 0] != channels).any():
+            row = int(np.flatnonzero(shapes[:, 0] != channels)[0])
+            raise DataError(
+                f"{file} row {row}: latent has {shapes[row, 0]} channels, expected {channels} "
+                f"(shape {shapes[row].tolist()})"
+            )
+        return _FileScan(meta, names, shapes)
+
+    def _check_columns(self, file: DataFile, names: list[str]) -> None:
+        for column in REQUIRED_COLUMNS:
+            if column not in names:
+                raise DataError(f"{file}: required column {column!r} is missing")
+        if LATENT_BYTES in names:
+            for column in LATENT_COLUMNS:
+                if column not in names:
+                    raise DataError(f"{file}: required column {column!r} is missing")
+        for name in self.extra_tensor_columns:
+            for column in tensor_columns(name):
+                if column not in names:
+                    raise DataError(f"{file}: column {column!r} is missing (extra_tensor_columns asks for {name!r})")
+
+    def _make_buckets(self, shapes: np.ndarray | None) -> None:
+        """One bucket per latent shape (sorted); text-only data is one bucket."""
+        if shapes is None:
+            self.buckets: list[tuple[int, ...] | None] = [None]
+            self._bucket_of = np.zeros(self.num_samples, dtype=np.int64)
+        else:
+            keys, inverse = np.unique(shapes, axis=0, return_inverse=True)
+            self.buckets = [tuple(int(v) for v in k) for k in keys]
+            self._bucket_of = inverse.reshape(-1).astype(np.int64)
+        self.bucket_sizes = np.bincount(self._bucket_of, minlength=len(self.buckets)).tolist()
+
+    def bucket_shape_of(self, row: int) -> tuple[int, ...] | None:
+        """The latent shape of global ``row`` as scanned (None for text-only data)."""
+        return self.buckets[int(self._bucket_of[row])]
+
+    def describe_buckets(self) -> list[str]:
+        """One line per bucket: its shape, samples, batches per epoch and what happens to its remainder."""
+        gb, lines = self.global_batch, []
+        for key, n in zip(self.buckets, self.bucket_sizes):
+            name = "text-only" if key is None else shape_name(key)
+            if n < gb:
+                lines.append(
+                    f"bucket {name}: {n} samples, fewer than a global batch of {gb}: it fills a batch every "
+                    f"{-(-gb // n)} epochs from rows carried over (the same sample may appear twice in it)"
+                )
+            else:
+                lines.append(
+                    f"bucket {name}: {n} samples, {n // gb} batches of {gb} per epoch"
+                    + (f", {n % gb} left over carried into the next epoch" if n % gb else "")
+                )
+        return lines
+
+    def _report_buckets(self) -> None:
+        small = [n < self.global_batch for n in self.bucket_sizes]
+        if len(self.buckets) > 1 or any(small):
+            msg = f"data: {len(self.buckets)} latent shape bucket(s): " + "; ".join(self.describe_buckets())
+            (logger.warning if any(small) else logger.info)(msg)
 
     def _check_first_group(self) -> None:
         """Fail at start-up, not hours in, if the first rows do not fit (shape/dtype columns only)."""
-        reader = _Reader(self, columns=[c for c in self._columns if c not in self._byte_columns])
+        reader = Reader(self, columns=[c for c in self._columns if not c.endswith("_bytes")])
         g = self._groups[0]
-        for i in range(g.num_rows):
-            reader.row(g.start + i, with_bytes=False)
-        reader.close()
+        try:
+            for i in range(g.num_rows):
+                reader.row(g.start + i, with_bytes=False)
+        finally:
+            reader.close()
 
     # -- order and position ------------------------------------------------------------
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches per epoch, the same on every rank (the last incomplete global batch is dropped)."""
-        return self.num_samples // self.global_batch
+        """Global batches of an epoch without carried rows (the same on every rank)."""
+        return sum(n // self.global_batch for n in self.bucket_sizes)
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank sees per epoch."""
+        """Samples this rank sees in an epoch without carried rows."""
         return self.batches_per_epoch * self.batch_size
 
     @property
@@ -248,28 +318,33 @@ class LatentStream:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global row numbers of all samples in the order of ``epoch`` (the same on every rank/machine)."""
-        if not self.shuffle:
-            return np.arange(self.num_samples, dtype=np.int64)
-        groups = np.random.default_rng([self.seed, epoch]).permutation(len(self._groups))
-        parts = [
-            self._groups[gi].start
-            + np.random.default_rng([self.seed, epoch, int(gi)]).permutation(self._groups[gi].num_rows)
-            for gi in groups
-        ]
-        return np.concatenate(parts).astype(np.int64)
+        return group_order(self.seed, epoch, self._sizes, self._starts, self.shuffle)
 
-    def rank_order(self, epoch: int) -> np.ndarray:
-        """The rows this rank sees in ``epoch``: its share of every global batch, in order."""
-        order = self.epoch_order(epoch)[: self.batches_per_epoch * self.global_batch]
-        return order.reshape(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+    def epoch_plan(self, epoch: int, carry: np.ndarray | None = None) -> Epoch:
+        """The global batches of ``epoch`` after the rows ``carry`` ((epoch, row) pairs) carried into it."""
+        carry = np.zeros((0, 2), dtype=np.int64) if carry is None else np.asarray(carry, dtype=np.int64).reshape(-1, 2)
+        key = (epoch, carry.tobytes())
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            plan = epoch_batches(
+                self.epoch_order(epoch), epoch, self._bucket_of, len(self.buckets), self.global_batch, carry
+            )
+            self._plan_cache = (key, plan)
+        return self._plan_cache[1]
+
+    def _buckets_digest(self) -> str:
+        text = json.dumps([[list(k) if k else None, n] for k, n in zip(self.buckets, self.bucket_sizes)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
         """Position after the last batch the consumer received (the same on every rank)."""
         return {
             "epoch": self._epoch,
             "index": self._index,
+            "carry": self._carry.tolist(),
             "num_samples": self.num_samples,
             "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "buckets": self._buckets_digest(),
             "seed": self.seed,
             "shuffle": self.shuffle,
         }
@@ -281,11 +356,22 @@ class LatentStream:
             for k in _FINGERPRINT
             if state.get(k) != getattr(self, k)
         ]
+        if state.get("buckets", self._buckets_digest()) != self._buckets_digest():  # older states have none
+            mismatched.append("latent shapes: the dataset's buckets differ from the saved run's")
         if mismatched:
             raise DataError(
                 "data position in the checkpoint does not fit this dataset/run (" + "; ".join(mismatched) + ")"
             )
-        self._epoch, self._index = int(state["epoch"]), int(state["index"])
+        epoch, index = int(state["epoch"]), int(state["index"])
+        saved_gb = int(state.get("global_batch", self.global_batch))
+        if saved_gb != self.global_batch and (len(self.buckets) > 1 or index % self.global_batch):
+            raise DataError(
+                f"the checkpoint's global batch was {saved_gb} (train_batch_size x processes), now "
+                f"{self.global_batch}: resume with the same global batch"
+                + ("" if len(self.buckets) > 1 else ", or from a checkpoint at a multiple of the new one")
+            )
+        self._epoch, self._index = epoch, index
+        self._carry = np.asarray(state.get("carry", []), dtype=np.int64).reshape(-1, 2)
         self._generation += 1
 
     # -- iteration --------------------------------------------------------------------
@@ -293,168 +379,42 @@ class LatentStream:
     def __iter__(self) -> Iterator[dict]:
         while True:
             generation = self._generation
-            source = self._batches(self._epoch, self._index)
+            source = self._batches(self._epoch, self._index, self._carry)
             if self.prefetch > 0:
                 source = _prefetched(source, self.prefetch)
             try:
-                for (epoch, index), batch in source:
+                for (epoch, index, carry), batch in source:
                     if generation != self._generation:
                         break  # load_state_dict moved the position: restart from there
-                    self._epoch, self._index = epoch, index
+                    self._epoch, self._index, self._carry = epoch, index, carry
                     yield batch
             finally:
                 source.close()
 
-    def _batches(self, epoch: int, index: int) -> Iterator[tuple[tuple[int, int], dict]]:
+    def _batches(self, epoch: int, index: int, carry: np.ndarray) -> Iterator[tuple[tuple, dict]]:
         """Batches from a position on, each with the position just after it."""
-        reader = _Reader(self, columns=self._columns)
+        # One decoded row group per bucket stays cached, so interleaved buckets do not re-read groups.
+        reader = Reader(self, columns=self._columns, cache_groups=min(len(self.buckets), 8) + 1)
         bs, gb = self.batch_size, self.global_batch
-        mine = self.rank * bs  # this rank's offset inside each global batch
+        mine = slice(self.rank * bs, (self.rank + 1) * bs)  # this rank's share of each global batch
         try:
             while True:
-                order = self.epoch_order(epoch)
-                while index + gb <= len(order):
-                    rows = order[index + mine : index + mine + bs]
+                plan = self.epoch_plan(epoch, carry)
+                k = index // gb
+                while k < len(plan):
+                    rows = plan.rows[k, mine]
                     batch = reader.batch(rows)
                     if self.pin_memory:  # in the prefetch thread, off the training loop's critical path
                         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                     # (epoch, global row) per sample: keys per-sample random streams downstream
                     # a plain list: it stays on the host when the batch moves to the device (no sync to read it)
-                    batch["sample_keys"] = [(epoch, int(r)) for r in rows]
-                    index += gb
-                    after = (epoch, index) if index + gb <= len(order) else (epoch + 1, 0)
+                    batch["sample_keys"] = [(int(e), int(r)) for e, r in zip(plan.epochs[k, mine], rows)]
+                    k += 1
+                    after = (epoch, k * gb, carry) if k < len(plan) else (epoch + 1, 0, plan.carry_out)
                     yield after, batch
-                epoch, index = epoch + 1, 0
+                epoch, index, carry = epoch + 1, 0, plan.carry_out
         finally:
             reader.close()
-
-
-class _Reader:
-    """Reads rows by global number, caching the current row group; one per iterator (not thread-shared)."""
-
-    def __init__(self, stream: LatentStream, columns: list[str]) -> None:
-        self.s = stream
-        self.columns = columns
-        self._file: pq.ParquetFile | None = None
-        self._file_path: str | None = None
-        self._group = -1
-        self._cols: dict[str, Any] = {}
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._file_path, self._group, self._cols = None, None, -1, {}
-
-    def _load(self, gi: int) -> None:
-        g = self.s._groups[gi]
-        try:
-            if self._file_path != g.file:
-                self.close()
-                self._file = pq.ParquetFile(g.file, metadata=self.s._metadata[g.file])
-                self._file_path = g.file
-            table = self._file.read_row_group(g.index, columns=self.columns)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"cannot read row group {g.index} of {g.file}: {e}") from e
-        # Byte columns become zero-copy buffers per row; small ones become lists.
-        self._cols = {
-            c: _value_buffers(table.column(c)) if c in self.s._byte_columns else table.column(c).to_pylist()
-            for c in self.columns
-        }
-        self._group = gi
-
-    def row(self, global_row: int, *, with_bytes: bool = True) -> _Row:
-        """Row ``global_row`` with its shapes/dtypes checked; byte sizes too when ``with_bytes``."""
-        gi = int(np.searchsorted(self.s._starts, global_row, side="right")) - 1
-        if gi != self._group:
-            self._load(gi)
-        g = self.s._groups[gi]
-        i = global_row - g.start
-        c = self._cols
-        r = _Row(file=g.file, file_row=g.file_row + i, id=str(c[ID][i]), caption=c[CAPTION][i] or "")
-        r.text_shape, r.text_dtype = self._shape_dtype(r, "text embedding", c[TEXT_SHAPE][i], c[TEXT_DTYPE][i], ndim=2)
-        if r.text_shape[0] > self.s.text_max_length:
-            raise DataError(
-                f"{r.where()}: text embedding has {r.text_shape[0]} tokens, more than text_max_length={self.s.text_max_length}"
-            )
-        if with_bytes:
-            r.text = self._buffer(r, "text embedding", c[TEXT_BYTES][i], r.text_shape, r.text_dtype)
-        if self.s.has_latents:
-            r.latent_shape, r.latent_dtype = self._shape_dtype(
-                r, "latent", c[LATENT_SHAPE][i], c[LATENT_DTYPE][i], ndim=4
-            )
-            expected = self.s.expected_latent_channels
-            if expected is not None and r.latent_shape[0] != expected:
-                raise DataError(
-                    f"{r.where()}: latent has {r.latent_shape[0]} channels, expected {expected} (shape {r.latent_shape})"
-                )
-            if with_bytes:
-                r.latent = self._buffer(r, "latent", c[LATENT_BYTES][i], r.latent_shape, r.latent_dtype)
-        r.extra = {}
-        for name in self.s.extra_tensor_columns:
-            b, sh, dt = tensor_columns(name)
-            if c[sh][i] is None or c[dt][i] is None:
-                raise DataError(f"{r.where()}: {name!r} is missing (null {sh if c[sh][i] is None else dt})")
-            shape, dtype = self._shape_dtype(r, name, c[sh][i], c[dt][i], ndim=None)
-            r.extra[name] = (self._buffer(r, name, c[b][i], shape, dtype) if with_bytes else None, shape, dtype)
-        return r
-
-    @staticmethod
-    def _shape_dtype(r: _Row, what: str, shape: Any, dtype: Any, ndim: int | None) -> tuple[list[int], torch.dtype]:
-        if shape is None or (ndim is not None and len(shape) != ndim):
-            raise DataError(f"{r.where()}: {what} shape {shape} is not {ndim}-D")
-        try:
-            return [int(s) for s in shape], dtype_from_name(dtype)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{r.where()}: {what}: {e}") from e
-
-    @staticmethod
-    def _buffer(r: _Row, what: str, buf: pa.Buffer, shape: list[int], dtype: torch.dtype) -> pa.Buffer:
-        need = int(np.prod(shape)) * dtype.itemsize
-        if buf.size != need:
-            raise DataError(f"{r.where()}: {what} has {buf.size} bytes, shape {shape} of {dtype} needs {need}")
-        return buf
-
-    def batch(self, rows: np.ndarray) -> dict:
-        """Collate rows into one batch; shapes/dtypes must agree (text lengths may differ: padded)."""
-        recs = [self.row(int(r)) for r in rows]
-        first = recs[0]
-        for r in recs[1:]:
-            if r.text_shape[1] != first.text_shape[1] or r.text_dtype != first.text_dtype:
-                raise DataError(
-                    f"text embeddings differ within a batch: {first.where()} is {first.text_shape} {first.text_dtype}, "
-                    f"{r.where()} is {r.text_shape} {r.text_dtype}"
-                )
-            if self.s.has_latents and (r.latent_shape != first.latent_shape or r.latent_dtype != first.latent_dtype):
-                raise DataError(
-                    f"latents of different shapes within a batch: {first.where()} is {first.latent_shape} "
-                    f"{first.latent_dtype}, {r.where()} is {r.latent_shape} {r.latent_dtype}"
-                )
-        text = torch.zeros((len(recs), self.s.text_max_length, first.text_shape[1]), dtype=first.text_dtype)
-        for i, r in enumerate(recs):
-            copy_bytes_into(text[i, : r.text_shape[0]], r.text)
-        batch = {"text_embeds": text, "ids": [r.id for r in recs], "captions": [r.caption for r in recs]}
-        if self.s.has_latents:
-            latents = torch.empty((len(recs), *first.latent_shape), dtype=first.latent_dtype)
-            for i, r in enumerate(recs):
-                copy_bytes_into(latents[i], r.latent)
-            batch = {"latents": latents, **batch}
-        for name in self.s.extra_tensor_columns:
-            _, shape, dtype = first.extra[name]
-            for r in recs[1:]:
-                if r.extra[name][1:] != (shape, dtype):
-                    raise DataError(
-                        f"{name!r} differs within a batch: {first.where()} is {shape} {dtype}, "
-                        f"{r.where()} is {r.extra[name][1]} {r.extra[name][2]}"
-                    )
-            out = torch.empty((len(recs), *shape), dtype=dtype)
-            for i, r in enumerate(recs):
-                copy_bytes_into(out[i].reshape(-1) if out[i].dim() == 0 else out[i], r.extra[name][0])
-            batch[name] = out
-        return batch
-
-
-# Keys of a batch that an extra tensor column must not shadow.
-BATCH_KEYS = ("latents", "text_embeds", "ids", "captions", "sample_keys")
 
 
 def _check_extra_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -467,26 +427,49 @@ def _check_extra_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _value_buffers(column: pa.ChunkedArray) -> list[pa.Buffer]:
-    """Zero-copy buffer of each value of a binary column (indexing arrow scalars copies: ~0.5 ms per 4 MB)."""
-    out = []
-    for chunk in column.chunks:
-        if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
-            out += [pa.py_buffer(b"") if v.as_buffer() is None else v.as_buffer() for v in chunk]
-            continue
-        _, offsets, data = chunk.buffers()
-        if data is None:  # every value empty or null
-            data = pa.py_buffer(b"")
-        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        off = np.frombuffer(offsets, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
-        out += [data.slice(int(a), int(b - a)) for a, b in zip(off[:-1], off[1:])]
-    return out
+def _shapes_from_footer(schema: pa.Schema, num_rows: int) -> np.ndarray | None:
+    """Latent shapes recorded by ``write_parquet`` in the footer (run-length), or None if absent / inconsistent."""
+    raw = (schema.metadata or {}).get(SHAPES_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        runs = json.loads(raw)
+        shapes = np.concatenate([np.tile(np.asarray(s, dtype=np.int64), (int(n), 1)) for s, n in runs])
+    except (ValueError, TypeError):
+        return None
+    return shapes if shapes.shape == (num_rows, 4) else None
+
+
+def _shapes_from_column(file: DataFile, column: pa.ChunkedArray) -> np.ndarray:
+    """The ``vae_latent_shape`` column as ``[rows, 4]``; DataError naming the first row that is not 4-D."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(arr) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+    if (lengths != 4).any():
+        row = int(np.flatnonzero(lengths != 4)[0])
+        raise DataError(f"{file} row {row}: latent shape {arr[row].as_py()} is not 4-D")
+    return np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False), dtype=np.int64).reshape(-1, 4)
+
+
+# Live prefetch threads, stopped at interpreter exit: a daemon thread killed inside a pyarrow read of a
+# Hub file (C++ calling back into Python) aborts the process ("terminate called without an active exception").
+_LIVE: dict[threading.Thread, threading.Event] = {}
+
+
+@atexit.register
+def _stop_prefetch_threads(timeout: float = 30.0) -> None:
+    for stop in list(_LIVE.values()):
+        stop.set()
+    for thread in list(_LIVE):
+        thread.join(timeout=timeout)
 
 
 def _prefetched(source: Iterator, depth: int) -> Iterator:
     """Run ``source`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer.
 
-    Closing this generator (explicitly, or by dropping it) stops and joins the thread.
+    Closing this generator (explicitly, or by dropping it) stops and joins the thread; so does the
+    interpreter's exit.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -511,6 +494,7 @@ def _prefetched(source: Iterator, depth: int) -> Iterator:
             source.close()
 
     thread = threading.Thread(target=work, name="LatentStream-prefetch", daemon=True)
+    _LIVE[thread] = stop
     thread.start()
     try:
         while True:
@@ -531,3 +515,4 @@ def _prefetched(source: Iterator, depth: int) -> Iterator:
             except queue.Empty:
                 pass
             thread.join(timeout=0.05)
+        _LIVE.pop(thread, None)

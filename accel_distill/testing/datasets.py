@@ -35,3 +35,24 @@ def write_synthetic_dataset(
     path = Path(path)
     write_parquet(path, samples, row_group_size=row_group_size)
     return path
+
+
+def mixed_shape_samples(
+    counts: dict[tuple[int, ...], int], *, text_dim: int = 8, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> list[dict]:
+    """Samples of several latent shapes (``{shape: count}``) in a seeded random interleaving, ids naming the shape.
+
+    Written in order by ``write_parquet``, row groups then hold several shapes: the reader's worst case.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [s for s, n in counts.items() for _ in range(n)]
+    order = torch.randperm(len(shapes), generator=gen).tolist()
+    return [
+        {
+            "id": f"{'x'.join(map(str, shapes[i]))}-{i:03d}",
+            "caption": f"clip {i}",
+            "latent": torch.randn(shapes[i], generator=gen).to(dtype),
+            "text_embedding": torch.randn(1 + i % 4, text_dim, generator=gen).to(dtype),
+        }
+        for i in order
+    ]
