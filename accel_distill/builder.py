@@ -22,12 +22,12 @@ from accel_distill.config.schema import RunConfig
 from accel_distill.data import LatentStream
 from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp
 from accel_distill.errors import ConfigError, UserError
-from accel_distill.families.base import Family, FlowMatchAdapter
+from accel_distill.families.base import Family, ModelAdapter
 from accel_distill.methods.base import DistillMethod
 from accel_distill.precision import dtype_of, has_accelerator
 from accel_distill.prompts import encode_cached, load_embedding_file
 from accel_distill.registry import FAMILIES, METHODS
-from accel_distill.roles import ModelBundle, RoleHandle, apply_trainable, attach_lora
+from accel_distill.roles import ModelBundle, RoleHandle, apply_trainable, attach_lora, unit_name
 
 
 def role_dtype(cfg: RunConfig, role: str) -> torch.dtype:
@@ -91,6 +91,7 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
         from_rank0 = fsdp and not rc.trainable and rc.rank0_loading
         loaded = family.load_module(name, rc, dtype, empty=from_rank0 and not acc.is_main_process)
         if rc.lora is not None:
+            check_lora_targets(cfg, name, loaded)
             modules = {k: attach_lora(m, rc.lora) for k, m in loaded.items()}
         else:
             modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
@@ -102,27 +103,14 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
         handle = RoleHandle(
             name, modules, rc.trainable, dtype, max_grad_norm=o["max_grad_norm"], source=rc.path, lora=rc.lora
         )
-        if rc.trainable:
-            module = modules["transformer"]
-            handle.optimizer = torch.optim.AdamW(
-                [p for p in module.parameters() if p.requires_grad],
-                lr=o["learning_rate"],
-                betas=tuple(o["betas"]),
-                weight_decay=o["weight_decay"],
-                eps=o["adam_epsilon"],
-            )
-            # Not prepared: accelerate would step a prepared scheduler once per process.
-            handle.lr_scheduler = get_scheduler(
-                o["lr_scheduler"],
-                handle.optimizer,
-                num_warmup_steps=o["lr_warmup_steps"],
-                num_training_steps=method_cls.optimizer_steps(cfg, name),
-            )
-            module, handle.optimizer = acc.prepare(module, handle.optimizer)
-            handle.modules["transformer"] = module
-            acc.register_for_checkpointing(handle.lr_scheduler)
-            if rc.lora is not None and not fsdp:
-                save_adapters_only(acc, [module])
+        if rc.trainable:  # one prepare, optimizer and LR schedule per module (FSDP2: one model per prepare)
+            for key, module in modules.items():
+                module, handle.optimizers[key], handle.lr_schedulers[key] = prepare_trainable(
+                    acc, module, o, method_cls.optimizer_steps(cfg, name)
+                )
+                handle.modules[key] = module
+                if rc.lora is not None and not fsdp:
+                    save_adapters_only(acc, [module])
         elif not fsdp:  # replicated, never wrapped (DDP refuses modules without gradients)
             for m in modules.values():
                 m.to(acc.device)
@@ -130,9 +118,64 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
     return bundle
 
 
+def check_lora_targets(cfg: RunConfig, role: str, modules: dict[str, torch.nn.Module]) -> None:
+    """Every LoRA target names a layer of every module (peft only refuses when none matches at all)."""
+    for key, module in modules.items():
+        names = [n for n, _ in module.named_modules()]
+        for target in cfg.roles[role].lora.target_modules:
+            if not any(n == target or n.endswith("." + target) for n in names):
+                raise ConfigError(
+                    f"{cfg.source}: roles.{role}.lora.target_modules: {target!r} matches no layer of the role's "
+                    f"{key} ({type(module).__name__})"
+                )
+
+
+def prepare_trainable(acc: Accelerator, module: torch.nn.Module, o: dict, steps: int):
+    """(prepared module, prepared AdamW, LR scheduler stepping ``steps`` times) of one trainable module."""
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=o["learning_rate"],
+        betas=tuple(o["betas"]),
+        weight_decay=o["weight_decay"],
+        eps=o["adam_epsilon"],
+    )
+    # Not prepared: accelerate would step a prepared scheduler once per process.
+    scheduler = get_scheduler(
+        o["lr_scheduler"], optimizer, num_warmup_steps=o["lr_warmup_steps"], num_training_steps=steps
+    )
+    module, optimizer = acc.prepare(module, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    return module, optimizer, scheduler
+
+
+def add_auxiliary(cfg: RunConfig, method: DistillMethod, acc: Accelerator) -> None:
+    """The method's own networks become trainable roles: prepared, optimised and checkpointed like any."""
+    built = method.build_auxiliary()
+    wanted = tuple(type(method).auxiliary_names(cfg))
+    if tuple(built) != wanted:
+        raise ValueError(f"method {method.name!r} built auxiliary networks {list(built)} but declared {list(wanted)}")
+    o = {k: getattr(cfg.training, k) for k in ("learning_rate", "betas", "weight_decay", "adam_epsilon")}
+    o.update(lr_scheduler=cfg.training.lr_scheduler, lr_warmup_steps=cfg.training.lr_warmup_steps)
+    for name, module in built.items():
+        module = apply_trainable(module.to(acc.device), True)
+        handle = RoleHandle(name, {name: module}, True, torch.float32, max_grad_norm=cfg.training.max_grad_norm)
+        module, handle.optimizers[name], handle.lr_schedulers[name] = prepare_trainable(
+            acc, module, o, type(method).optimizer_steps(cfg, name)
+        )
+        handle.modules[name] = module
+        method.bundle.roles[name] = handle
+
+
 def checkpoint_roles(cfg: RunConfig) -> dict:
-    """Which role each of accelerate's numbered model/optimizer/scheduler files holds (prepare order)."""
-    names = [name for name, rc in cfg.roles.items() if rc.trainable]
+    """Which trainable unit (a role, or ``role.module`` for several) each of accelerate's numbered
+    model/optimizer/scheduler files holds, in prepare order."""
+    family_cls = FAMILIES[cfg.recipe.family]
+    names = []
+    for name, rc in cfg.roles.items():
+        if rc.trainable:
+            keys = family_cls.module_keys(cfg, name)
+            names += [unit_name(name, k, keys) for k in keys]
+    names += list(METHODS[cfg.recipe.method].auxiliary_names(cfg))
     return {"models": names, "optimizers": names, "schedulers": names}
 
 
@@ -146,11 +189,11 @@ def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Ten
 
         return load_embedding_file(p.negative_prompt_embeds, p.text_max_length, bad)
     cache = Path(cfg.training.output_dir) / "negative_prompt_embeds.safetensors"
-    source = cfg.roles["student"].path
+    source = cfg.roles[METHODS[cfg.recipe.method].product_role].path
     return encode_cached(family, source, [p.negative_prompt], p.text_max_length, acc, cache)[0]
 
 
-def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: FlowMatchAdapter, acc: Accelerator):
+def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: ModelAdapter, acc: Accelerator):
     t = cfg.training
     return LatentStream(
         t.data_path,
@@ -176,7 +219,7 @@ class Runtime:
     accelerator: Accelerator
     family: Family
     bundle: ModelBundle
-    adapter: FlowMatchAdapter
+    adapter: ModelAdapter
     method: DistillMethod
     stream: LatentStream
 
@@ -185,12 +228,14 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     acc = make_accelerator(cfg)
     family = FAMILIES[cfg.recipe.family](cfg)
     method_cls = METHODS[cfg.recipe.method]
-    student_source = cfg.roles["student"].path
-    adapter = family.make_adapter(student_source)
+    student_source = cfg.roles[method_cls.product_role].path
+    adapter = family.make_adapter(method_cls.product_role)
+    adapter.lockstep = acc.num_processes > 1  # every rank runs every expert: collectives stay aligned
     stream = make_stream(cfg, method_cls, adapter, acc)
     neg = load_negative(cfg, family, acc) if method_cls.needs_negative_conditioning(cfg) else None
     bundle = load_bundle(cfg, family, method_cls, acc)
     method = method_cls(bundle, adapter, cfg, device=acc.device, neg_cond=neg)
+    add_auxiliary(cfg, method, acc)
     p = cfg.pipeline_config
     if None not in (p.num_frames, p.height, p.width):
         method.latent_shape = family.latent_shape(student_source, p.num_frames, p.height, p.width)
@@ -207,18 +252,21 @@ def describe_plan(cfg: RunConfig) -> list[str]:
     method_cls = METHODS[cfg.recipe.method]
     t = cfg.training
     lines = [f"recipe: family={cfg.recipe.family} method={cfg.recipe.method}", "roles:"]
+    family_cls = FAMILIES[cfg.recipe.family]
     for name, rc in cfg.roles.items():
         dtype = str(role_dtype(cfg, name)).replace("torch.", "")
+        keys = family_cls.module_keys(cfg, name)
+        where = rc.subfolder if len(keys) == 1 else " + ".join(keys)  # two experts: each its own optimizer
         if rc.trainable:
             o = cfg.role_defaults(name)
             lines.append(
-                f"  {name}: {rc.path} [{rc.subfolder}] trainable, {dtype} weights, AdamW lr={o['learning_rate']:g} "
+                f"  {name}: {rc.path} [{where}] trainable, {dtype} weights, AdamW lr={o['learning_rate']:g} "
                 f"betas={tuple(o['betas'])} weight_decay={o['weight_decay']:g}, {o['lr_scheduler']} schedule "
                 f"(warmup {o['lr_warmup_steps']}) over {method_cls.optimizer_steps(cfg, name)} optimizer steps, "
                 f"grad clip {o['max_grad_norm']}"
             )
         else:
-            lines.append(f"  {name}: {rc.path} [{rc.subfolder}] frozen, {dtype} weights, no optimizer")
+            lines.append(f"  {name}: {rc.path} [{where}] frozen, {dtype} weights, no optimizer")
     lines.append(
         f"training: {t.max_train_steps} iterations, batch {t.train_batch_size} per process x "
         f"{t.gradient_accumulation_steps} accumulation, mixed precision {t.mixed_precision}, seed {t.seed}"

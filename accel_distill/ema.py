@@ -26,58 +26,69 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMACallback(Callback):
-    """One ``EMAModel`` per role with an ``ema`` spec."""
+    """One ``EMAModel`` per trainable module of each role with an ``ema`` spec, keyed by unit name
+    (the role, or ``role.module`` for a role with several modules)."""
 
     name = "ema"
 
     def __init__(self, bundle: ModelBundle, specs: dict[str, EMASpec]):
         self.bundle, self.specs = bundle, specs
         self.emas: dict[str, EMAModel] = {}
+        self.role_units: dict[str, list[str]] = {}
+        self._params: dict[str, torch.nn.Module] = {}
         for role, spec in specs.items():
-            params = self.parameters(role)
-            ema = EMAModel(
-                params,
-                decay=spec.decay,
-                min_decay=spec.min_decay,
-                update_after_step=spec.update_after_step,
-                use_ema_warmup=spec.use_warmup,
-                inv_gamma=spec.inv_gamma,
-                power=spec.power,
-            )
-            ema.shadow_params = [p.detach().float().clone() for p in params]
-            self.emas[role] = ema
-        self._restored: set[str] = set()  # roles a resume has restored
+            self.role_units[role] = []
+            for unit, module, _, _ in bundle[role].units():
+                self._params[unit] = module
+                self.role_units[role].append(unit)
+                params = self.parameters(unit)
+                ema = EMAModel(
+                    params,
+                    decay=spec.decay,
+                    min_decay=spec.min_decay,
+                    update_after_step=spec.update_after_step,
+                    use_ema_warmup=spec.use_warmup,
+                    inv_gamma=spec.inv_gamma,
+                    power=spec.power,
+                )
+                ema.shadow_params = [p.detach().float().clone() for p in params]
+                self.emas[unit] = ema
+        self._restored: set[str] = set()  # units a resume has restored
 
-    def parameters(self, role: str) -> list[torch.nn.Parameter]:
+    def parameters(self, unit: str) -> list[torch.nn.Parameter]:
         """The parameters that train (all, or a LoRA adapter's), in a fixed order."""
-        return [p for p in self.bundle[role].transformer.parameters() if p.requires_grad]
+        return [p for p in self._params[unit].parameters() if p.requires_grad]
 
     def on_step_end(self, trainer, iteration: int, stepped: list[str]) -> dict[str, float]:
         metrics = {}
-        for role in stepped:
-            if role in self.emas:
-                self.emas[role].step(self.parameters(role))
-                metrics[f"ema_decay/{role}"] = float(self.emas[role].cur_decay_value or 0.0)
+        for unit in stepped:
+            if unit in self.emas:
+                self.emas[unit].step(self.parameters(unit))
+                metrics[f"ema_decay/{unit}"] = float(self.emas[unit].cur_decay_value or 0.0)
         return metrics
 
     @contextlib.contextmanager
     def averaged(self, role: str) -> Iterator[None]:
-        """Temporarily swap the role's weights for the averaged ones (validation, export)."""
-        ema, params = self.emas[role], self.parameters(role)
-        backup = [p.detach().clone() for p in params]
+        """Temporarily swap every module of the role for its averaged weights (validation, export)."""
+        pairs = [
+            (p, s)
+            for unit in self.role_units[role]
+            for p, s in zip(self.parameters(unit), self.emas[unit].shadow_params)
+        ]
+        backup = [p.detach().clone() for p, _ in pairs]
         with torch.no_grad():
-            for p, s in zip(params, ema.shadow_params):
+            for p, s in pairs:
                 p.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(params, backup):
+                for (p, _), b in zip(pairs, backup):
                     p.copy_(b)
 
-    def replicated(self, role: str) -> bool:
-        """Every rank holds the role's whole shadow (no FSDP sharding): it is checkpointed once, not per rank."""
-        return not any(hasattr(s, "to_local") for s in self.emas[role].shadow_params)
+    def replicated(self, unit: str) -> bool:
+        """Every rank holds the unit's whole shadow (no FSDP sharding): it is checkpointed once, not per rank."""
+        return not any(hasattr(s, "to_local") for s in self.emas[unit].shadow_params)
 
     def _state(self, roles: list[str]) -> dict:
         return {

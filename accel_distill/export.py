@@ -1,10 +1,12 @@
-"""Export a few-step student as a diffusers folder that stock ``WanPipeline`` samples correctly.
+"""Export a few-step student as a diffusers folder that the source's stock pipeline samples correctly.
 
-The folder holds the trained transformer, the source pipeline's other
-components copied byte-for-byte, and a stock flow-matching scheduler
-(``FlowMatchLCMScheduler`` for "sde" students, ``FlowMatchEulerDiscreteScheduler``
-for "ode" ones) whose config reproduces the training timesteps for
-``num_inference_steps=N``. It is written
+The folder holds the trained transformer(s) (both experts of a two-expert
+model), the source pipeline's other components copied byte-for-byte, and the
+stock scheduler (e.g. ``FlowMatchLCMScheduler`` for "sde" rectified-flow
+students, ``FlowMatchEulerDiscreteScheduler`` for "ode" ones) whose config
+reproduces the training timesteps for ``num_inference_steps=N``. The pipeline
+class is the source's own (``model_index.json``'s ``_class_name``), so this
+module names no family. It is written
 to a temporary sibling and renamed into place, so a crash never leaves a half
 export at ``out_dir``.
 """
@@ -25,6 +27,7 @@ from .errors import ConfigError
 from .schedule import FewStepSchedule
 
 EXPORT_INFO_FILE = "accel_distill_export.json"
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 # Components the export writes itself (or drops) instead of copying from the source.
 _REPLACED = {"transformer", "transformer_2", "scheduler"}
 
@@ -49,24 +52,45 @@ def _resolve_source(source: str, keep_scheduler: bool) -> Path:
     if local.exists() or source.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
         raise ConfigError(f"export source {source}: not a diffusers pipeline folder nor a Hub id 'owner/name'")
 
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    index = json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    index = source_index(source)
     patterns = ["model_index.json"] + [f"{name}/*" for name in _copied_components(index, keep_scheduler)]
     return Path(snapshot_download(source, allow_patterns=patterns))
 
 
-def _model_index(src: Path, transformer: torch.nn.Module, schedule: FewStepSchedule | None) -> dict[str, Any]:
-    """Source ``model_index.json`` with the student transformer and (few-step) scheduler."""
+def _model_index(
+    src: Path, modules: dict[str, torch.nn.Module], schedule: FewStepSchedule | None, updates: dict[str, Any]
+) -> dict[str, Any]:
+    """Source ``model_index.json`` with the student's modules, its (few-step) scheduler and the family's keys."""
     index = json.loads((src / "model_index.json").read_text())
-    index["transformer"] = ["diffusers", type(transformer).__name__]
+    for key, module in modules.items():
+        index[key] = ["diffusers", type(module).__name__]
     if schedule is not None:
         index["scheduler"] = ["diffusers", schedule.scheduler_class]
-    if "transformer_2" in index:  # Wan2.2 two-expert sources: the student is a single transformer
-        index["transformer_2"] = [None, None]
-        if "boundary_ratio" in index:
-            index["boundary_ratio"] = None
+    index.update(updates)
     return index
+
+
+def lora_file(key: str) -> str:
+    """The LoRA file of module ``key``: diffusers' default name for the transformer, one per other expert."""
+    return LORA_WEIGHTS_FILE if key == "transformer" else f"pytorch_lora_weights_{key}.safetensors"
+
+
+def source_index(source: str) -> dict[str, Any]:
+    """The source's ``model_index.json`` alone (a local folder, or that one file from the Hub)."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return json.loads((local / "model_index.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+
+
+def pipeline_classes(index: dict[str, Any]) -> dict[str, Any]:
+    """The stock pipeline and VAE classes of a source's model index, for the export info and the model card."""
+    vae = index.get("vae")
+    return {"pipeline_class": index.get("_class_name"), "vae_class": vae[1] if _is_component("vae", vae) else None}
 
 
 def _export_info(schedule: FewStepSchedule | None, source: str, transformer_subfolder: str) -> dict[str, Any]:
@@ -95,23 +119,26 @@ def _export_info(schedule: FewStepSchedule | None, source: str, transformer_subf
 
 def _write(
     tmp: Path,
-    transformer: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
     source: str,
     schedule: FewStepSchedule | None,
     transformer_subfolder: str,
+    updates: dict[str, Any],
 ) -> None:
     keep_scheduler = schedule is None
     src = _resolve_source(source, keep_scheduler)
-    index = _model_index(src, transformer, schedule)
+    index = _model_index(src, modules, schedule, updates)
     for name in _copied_components(index, keep_scheduler):
         if not (src / name).is_dir():
             raise ConfigError(f"export source {source}: model_index.json lists {name!r} but {name}/ is missing")
         shutil.copytree(src / name, tmp / name)  # follows Hub-cache symlinks: real bytes, unchanged
-    transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    for key, module in modules.items():
+        module.save_pretrained(tmp / key, safe_serialization=True)
     if schedule is not None:
         schedule.make_scheduler().save_pretrained(tmp / "scheduler")
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    info = _export_info(schedule, source, transformer_subfolder)
+    info = {**_export_info(schedule, source, transformer_subfolder), **pipeline_classes(index)}
+    info["modules"] = list(modules)
     (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -143,66 +170,91 @@ def _publish(out_dir: str | Path, source: str, write: Callable[[Path], None]) ->
     return out_dir
 
 
+Modules = dict[str, torch.nn.Module]
+
+
+def _as_modules(student: torch.nn.Module | Modules) -> Modules:
+    return dict(student) if isinstance(student, dict) else {"transformer": student}
+
+
 def export_student(
-    transformer: torch.nn.Module,
+    student: torch.nn.Module | Modules,
     source: str,
     out_dir: str | Path,
     schedule: FewStepSchedule | None,
     *,
     transformer_subfolder: str = "transformer",
+    index_updates: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write a stock-diffusers pipeline folder for the student at ``out_dir`` and return it.
 
-    ``transformer`` is the trained (unwrapped) diffusers model; ``source`` the folder or
-    Hub id the student was distilled from (its subfolder ``transformer_subfolder`` is
-    replaced by the student). ``schedule`` None keeps the source's scheduler (many-step
-    students). ``info`` adds keys (e.g. the method) to the export info file. ``out_dir``
-    is replaced only once the new folder is complete.
+    ``student`` is the trained (unwrapped) diffusers model, or ``{module key: model}`` for a
+    student of several modules (``transformer`` and ``transformer_2`` of a two-expert model);
+    ``source`` the folder or Hub id it was distilled from (its subfolder ``transformer_subfolder``
+    is replaced by the student). ``schedule`` None keeps the source's scheduler (many-step
+    students). ``index_updates`` are the family's extra ``model_index.json`` keys (e.g.
+    ``boundary_ratio``); ``info`` adds keys (e.g. the method) to the export info file.
+    ``out_dir`` is replaced only once the new folder is complete.
     """
-    if not hasattr(transformer, "save_pretrained"):
-        raise TypeError(f"export_student needs a diffusers model with save_pretrained, got {type(transformer)}")
+    modules = _as_modules(student)
+    for key, module in modules.items():
+        if not hasattr(module, "save_pretrained"):
+            raise TypeError(f"export_student needs diffusers models with save_pretrained, got {type(module)} for {key}")
 
     def write(tmp: Path) -> None:
-        _write(tmp, transformer, source, schedule, transformer_subfolder)
+        _write(tmp, modules, source, schedule, transformer_subfolder, index_updates or {})
         _add_info(tmp, {"adapter": None, **(info or {})})
 
     return _publish(out_dir, source, write)
 
 
 def export_lora(
-    transformer: torch.nn.Module,
+    student: torch.nn.Module | Modules,
     source: str,
     out_dir: str | Path,
     schedule: FewStepSchedule | None,
     *,
     merged: bool = False,
+    index_updates: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a LoRA student: ``pytorch_lora_weights.safetensors`` the diffusers way, plus the scheduler.
+    """Export a LoRA student: its adapter(s) the diffusers way, plus the scheduler.
 
-    ``WanPipeline.from_pretrained(base).load_lora_weights(out_dir)`` loads it; with a few-step
-    schedule, swap in ``scheduler/`` from ``out_dir`` too. ``merged`` additionally writes the
-    adapter fused into a complete pipeline folder at ``out_dir`` (loadable on its own).
+    ``Pipeline.from_pretrained(base).load_lora_weights(out_dir)`` loads the transformer's
+    ``pytorch_lora_weights.safetensors``; a second expert's file loads with
+    ``weight_name=..., load_into_transformer_2=True``. With a few-step schedule, swap in
+    ``scheduler/`` from ``out_dir`` too. ``merged`` additionally writes the adapters fused
+    into a complete pipeline folder at ``out_dir`` (loadable on its own).
     """
-    from diffusers import WanPipeline
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    adapter = get_peft_model_state_dict(transformer)
-    metadata = transformer.peft_config["default"].to_dict()
+    modules = _as_modules(student)
+    adapters = {k: (get_peft_model_state_dict(m), m.peft_config["default"].to_dict()) for k, m in modules.items()}
 
     def write(tmp: Path) -> None:
+        classes = pipeline_classes(source_index(source))
         if merged:
-            fused = copy.deepcopy(transformer)
-            fused.fuse_lora()
-            fused.unload_lora()
-            _write(tmp, fused, source, schedule, "transformer")
+            fused = {}
+            for key, module in modules.items():
+                fused[key] = copy.deepcopy(module)
+                fused[key].fuse_lora()
+                fused[key].unload_lora()
+            _write(tmp, fused, source, schedule, "transformer", index_updates or {})
         else:
             if schedule is not None:
                 schedule.make_scheduler().save_pretrained(tmp / "scheduler")
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(_export_info(schedule, source, "transformer"), indent=2))
-        WanPipeline.save_lora_weights(tmp, transformer_lora_layers=adapter, transformer_lora_adapter_metadata=metadata)
-        _add_info(tmp, {"adapter": "lora", "merged": merged, **(info or {})})
+            export_info = {**_export_info(schedule, source, "transformer"), **classes}
+            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(export_info, indent=2))
+        pipeline = getattr(diffusers, classes["pipeline_class"])
+        files = {}
+        for key, (state, metadata) in adapters.items():  # each expert its own file, in the transformer layout
+            files[key] = lora_file(key)
+            pipeline.save_lora_weights(
+                tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata, weight_name=files[key]
+            )
+        _add_info(tmp, {"adapter": "lora", "merged": merged, "lora_files": files, **(info or {})})
 
     return _publish(out_dir, source, write)
 

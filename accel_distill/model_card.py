@@ -16,7 +16,7 @@ from accel_distill.errors import UserError
 EXPORT_INFO_FILE = "accel_distill_export.json"  # same name as accel_distill.export (kept import-light)
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 CARD_FILE = "README.md"
-DEFAULT_PIPELINE_CLASS = "WanPipeline"
+DEFAULT_PIPELINE_CLASS = "DiffusionPipeline"  # when neither the folder nor the export info names one
 
 # Methods that train a student from a teacher. "finetune" (plain flow matching) is not one.
 DISTILLATION_METHODS = frozenset({"dmd", "dmd2", "lcm", "consistency", "sid", "rcm", "self_forcing"})
@@ -82,12 +82,25 @@ def _fmt_number(x: Any) -> str:
     return str(int(x)) if isinstance(x, (int, float)) and float(x).is_integer() else str(x)
 
 
-def _pipeline_class(folder: Path) -> str:
+def _pipeline_class(folder: Path, info: dict[str, Any]) -> str:
+    """The export's stock pipeline: its model_index.json's, else the one the export info records."""
     try:
         name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
-        return DEFAULT_PIPELINE_CLASS
+        name = None
+    name = name or info.get("pipeline_class")
     return name if isinstance(name, str) and name.isidentifier() else DEFAULT_PIPELINE_CLASS
+
+
+def _vae_lines(vae_class: str | None, repo: str) -> tuple[set[str], str, str]:
+    """(imports, the line loading the VAE in fp32, the pipeline's vae= argument) when the family names a VAE."""
+    if not (isinstance(vae_class, str) and vae_class.isidentifier()):
+        return set(), "", ""
+    return (
+        {vae_class},
+        f'vae = {vae_class}.from_pretrained({repo}, subfolder="vae", torch_dtype=torch.float32)\n',
+        "vae=vae, ",
+    )
 
 
 def card_tags(info: dict[str, Any]) -> list[str]:
@@ -106,20 +119,23 @@ def card_tags(info: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))
 
 
-def _usage_full(repo_id: str, pipeline_class: str, steps: int | None, guidance: float | None) -> str:
+def _usage_full(
+    repo_id: str, pipeline_class: str, steps: int | None, guidance: float | None, vae_class: str | None = None
+) -> str:
     call_args = '"A cat walks on the grass, realistic"'
     if steps is not None:
         call_args += f", num_inference_steps={steps}"
     if guidance is not None:
         call_args += f", guidance_scale={guidance}"
+    vae_imports, vae_line, vae_arg = _vae_lines(vae_class, "repo_id")
+    imports = ", ".join(sorted({pipeline_class, *vae_imports}))
     return f"""```python
 import torch
-from diffusers import AutoencoderKLWan, {pipeline_class}
+from diffusers import {imports}
 from diffusers.utils import export_to_video
 
 repo_id = "{repo_id}"
-vae = AutoencoderKLWan.from_pretrained(repo_id, subfolder="vae", torch_dtype=torch.float32)
-pipe = {pipeline_class}.from_pretrained(repo_id, vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+{vae_line}pipe = {pipeline_class}.from_pretrained(repo_id, {vae_arg}torch_dtype=torch.bfloat16).to("cuda")
 video = pipe({call_args}).frames[0]
 export_to_video(video, "output.mp4", fps=16)
 ```"""
@@ -132,13 +148,15 @@ def _usage_lora(
     scheduler_class: str | None,
     steps: int | None,
     guidance: float | None,
+    vae_class: str | None = None,
 ) -> str:
     call_args = '"A cat walks on the grass, realistic"'
     if steps is not None:
         call_args += f", num_inference_steps={steps}"
     if guidance is not None:
         call_args += f", guidance_scale={guidance}"
-    imports = ", ".join(sorted({pipeline_class, "AutoencoderKLWan", *([scheduler_class] if scheduler_class else [])}))
+    vae_imports, vae_line, vae_arg = _vae_lines(vae_class, "base_model")
+    imports = ", ".join(sorted({pipeline_class, *vae_imports, *([scheduler_class] if scheduler_class else [])}))
     swap = ""
     if scheduler_class:
         swap = (
@@ -152,8 +170,7 @@ from diffusers.utils import export_to_video
 
 base_model = "{base}"
 repo_id = "{repo_id}"
-vae = AutoencoderKLWan.from_pretrained(base_model, subfolder="vae", torch_dtype=torch.float32)
-pipe = {pipeline_class}.from_pretrained(base_model, vae=vae, torch_dtype=torch.bfloat16)
+{vae_line}pipe = {pipeline_class}.from_pretrained(base_model, {vae_arg}torch_dtype=torch.bfloat16)
 pipe.load_lora_weights(repo_id)
 {swap}pipe.to("cuda")
 video = pipe({call_args}).frames[0]
@@ -182,7 +199,8 @@ def model_card_text(folder: str | Path, repo_id: str) -> str:
     if scheduler_class is not None and not str(scheduler_class).isidentifier():
         scheduler_class = None
     has_scheduler = (folder / "scheduler" / "scheduler_config.json").is_file()
-    pipeline_class = _pipeline_class(folder)
+    pipeline_class = _pipeline_class(folder, info)
+    vae_class = info.get("vae_class")  # the family's VAE, loaded in fp32 (older exports: the pipeline's own)
 
     data = ModelCardData(
         base_model=hub_source,
@@ -228,12 +246,14 @@ def model_card_text(folder: str | Path, repo_id: str) -> str:
 
     sections = [f"# {repo_id}", summary, "\n".join(facts), "## Usage"]
     if has_pipeline:
-        sections.append(f"Stock diffusers, no extra code:\n\n{_usage_full(repo_id, pipeline_class, steps, guidance)}")
+        sections.append(
+            f"Stock diffusers, no extra code:\n\n{_usage_full(repo_id, pipeline_class, steps, guidance, vae_class)}"
+        )
     if is_lora:
         base = hub_source or "path/to/the/base/model"
         lead = "As a LoRA on the base pipeline:" if has_pipeline else "Load the base pipeline, then the LoRA:"
         swap = scheduler_class if has_scheduler else None  # only a scheduler the repo holds
-        usage = _usage_lora(repo_id, base, pipeline_class, swap, steps, guidance)
+        usage = _usage_lora(repo_id, base, pipeline_class, swap, steps, guidance, vae_class)
         sections.append(f"{lead}\n\n{usage}")
     if steps is not None:
         sections.append(

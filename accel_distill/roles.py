@@ -47,23 +47,49 @@ def trainable_names(module: torch.nn.Module) -> set[str]:
     return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
+def unit_name(role: str, key: str, keys) -> str:
+    """What a role's trainable module is called in logs, checkpoints and EMA: the role when it has one
+    module, ``role.key`` (e.g. ``student.transformer_2``) when it has several."""
+    return role if len(keys) == 1 else f"{role}.{key}"
+
+
 @dataclass
 class RoleHandle:
-    """One role's modules and, when trainable, its optimizer and LR scheduler."""
+    """One role's modules and, when trainable, one optimizer and LR scheduler per module."""
 
     name: str
     modules: dict[str, torch.nn.Module]
     trainable: bool
     dtype: torch.dtype
     max_grad_norm: float | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    lr_schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = field(default_factory=dict)
     source: str = ""
     lora: object | None = None  # the role's LoraSpec when only an adapter trains
 
     @property
     def transformer(self) -> torch.nn.Module:
+        """The role's (first) transformer: the only one of single-expert models, the high-noise one of two."""
         return self.modules["transformer"]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of a single-module role."""
+        (opt,) = self.optimizers.values()
+        return opt
+
+    @property
+    def lr_scheduler(self):
+        """The LR scheduler of a single-module role."""
+        (sched,) = self.lr_schedulers.values()
+        return sched
+
+    def unit(self, key: str) -> str:
+        return unit_name(self.name, key, self.modules)
+
+    def units(self) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer, object]]:
+        """(unit name, module, optimizer, LR scheduler) of each trainable module, in load order."""
+        return [(self.unit(k), m, self.optimizers[k], self.lr_schedulers[k]) for k, m in self.modules.items()]
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]

@@ -13,7 +13,7 @@ from accel_distill.checkpoint import CheckpointManager, completed_checkpoints, f
 from accel_distill.config import RunConfig, resolved_dict
 from accel_distill.distributed import gather_full_model
 from accel_distill.ema import EMACallback
-from accel_distill.export import export_lora, export_student
+from accel_distill.export import export_lora, export_student, source_index
 from accel_distill.trainer import Callback, Trainer, TrainerState
 
 logger = get_logger(__name__)
@@ -47,6 +47,7 @@ def build_callbacks(cfg: RunConfig, rt: Runtime) -> list[Callback]:
     callbacks: list[Callback] = []
     specs = {role: rc.ema for role, rc in cfg.roles.items() if rc.ema is not None}
     ema = EMACallback(rt.bundle, specs) if specs else None
+    rt.method.ema = ema  # reachable from the method (e.g. an EMA target network)
     if ema is not None:
         callbacks.append(ema)
     if cfg.training.log_validation:
@@ -88,15 +89,18 @@ def export(cfg: RunConfig, rt: Runtime, ema: EMACallback | None = None) -> Path:
     acc = rt.accelerator
     use_ema = ema is not None and role.name in ema.specs and ema.specs[role.name].export
     with ema.averaged(role.name) if use_ema else contextlib.nullcontext():
-        full = gather_full_model(acc, role.transformer)  # collective under FSDP
+        full = {k: gather_full_model(acc, m) for k, m in role.modules.items()}  # collective under FSDP
     if acc.is_main_process:
         # provenance: what the student was distilled with (guidance, steps, ...) travels with it
         method_config = asdict(cfg.method_config) if is_dataclass(cfg.method_config) else {}
         info = {"method": cfg.recipe.method, "method_config": method_config, "ema": use_ema}
+        updates = rt.family.export_index_updates(full, source_index(role.source))
+        schedule = rt.method.export_schedule()
         if role.lora is not None:
-            export_lora(full, role.source, out, rt.method.export_schedule(), merged=role.lora.export_merged, info=info)
+            merged = role.lora.export_merged
+            export_lora(full, role.source, out, schedule, merged=merged, index_updates=updates, info=info)
         else:
-            export_student(full, role.source, out, rt.method.export_schedule(), info=info)
+            export_student(full, role.source, out, schedule, index_updates=updates, info=info)
     acc.wait_for_everyone()
     return out
 

@@ -4,7 +4,7 @@
 ``sigma_{i+1}`` with fresh noise; the last ``sigma`` is 0, so the last step
 returns ``x0``. "ode" schedules take Euler steps ``x + (sigma_{i+1} - sigma_i) v``.
 The arithmetic, dtypes and random draws copy ``FlowMatchLCMScheduler.step`` /
-``FlowMatchEulerDiscreteScheduler.step`` as ``WanPipeline`` calls them, so with
+``FlowMatchEulerDiscreteScheduler.step`` as the stock pipelines call them, so with
 the same seeds this sampler and the stock pipeline loading an exported student
 give identical latents.
 """
@@ -29,9 +29,9 @@ def few_step_sample(
     """Denoise ``latents`` (pure noise at t=1000) in ``schedule.num_inference_steps`` steps.
 
     ``predict_flow(x, t)`` returns the flow (velocity) prediction for ``x`` at float
-    timesteps ``t`` of shape ``[B]``; like ``WanPipeline`` it should cast ``x`` to the
+    timesteps ``t`` of shape ``[B]``; like the stock pipelines it should cast ``x`` to the
     model's dtype itself. Re-noise noise comes from ``generator``, or, when it is None,
-    from the global torch RNG exactly as ``WanPipeline`` draws it. The result has the
+    from the global torch RNG exactly as the stock pipeline draws it. The result has the
     model output's dtype.
     """
     scheduler = schedule.make_scheduler()

@@ -1,6 +1,6 @@
 """Few-step timestep schedules that stock diffusers reproduces at inference.
 
-A DMD student is trained at a fixed list of timesteps. ``WanPipeline`` only
+A DMD student is trained at a fixed list of timesteps. A stock pipeline only
 calls ``scheduler.set_timesteps(N)``, so the exported scheduler's *config*
 must generate those timesteps. ``FlowMatchLCMScheduler`` (x0 prediction, then
 re-noise) gives ``sigmas = stretch(shift_fn(linspace(1, shift_fn(1/1000), N)))``;

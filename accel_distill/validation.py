@@ -44,7 +44,6 @@ from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.methods.base import derived_seed
 from accel_distill.prompts import encode_cached, load_embedding_file
-from accel_distill.sampling import few_step_sample
 from accel_distill.schedule import FewStepSchedule
 from accel_distill.trainer.callbacks import Callback
 
@@ -198,7 +197,7 @@ class ValidationCallback(Callback):
         """
         if self.schedule is not None and num_steps == self.schedule.num_inference_steps:
             return self.schedule
-        base = self.schedule or FewStepSchedule((), shift=self.rt.adapter.flow_shift, shift_terminal=None, kind="ode")
+        base = self.schedule or self.rt.adapter.noise.many_step_schedule()
         sched = base.make_scheduler()
         with np.errstate(all="ignore"):
             sched.set_timesteps(num_steps)
@@ -257,31 +256,33 @@ class ValidationCallback(Callback):
         Call inside :meth:`student_context` (eval mode, EMA weights, autocast).
         """
         role, adapter, device = self.rt.method.export_role(), self.rt.adapter, self.acc.device
-        cond = self.embeds[index : index + 1].to(device)
-        neg = self.neg.unsqueeze(0).to(device) if self.neg is not None else None
+        cond = adapter.conditioning({"text_embeds": self.embeds[index : index + 1].to(device)})
+        neg = adapter.negative(cond, self.neg.to(device)) if self.neg is not None else None
         out = []
         for n, g in self.variants:
             gen = torch.Generator().manual_seed(self.prompt_seed(index))  # CPU: same noise on any device
             noise = torch.randn((1, *self.latent_shape), generator=gen).to(device)
 
             def predict(x, t, g=g):
-                return adapter.predict_flow_cfg(role, x, t, cond, neg, g)
+                return adapter.predict_cfg(role, x, t, cond, neg, g)
 
-            out.append(few_step_sample(predict, self.schedules[n], noise, generator=gen)[0].float())
+            out.append(adapter.noise.sample(predict, self.schedules[n], noise, generator=gen)[0].float())
         return torch.stack(out)
 
     @contextlib.contextmanager
     def student_context(self):
         """Student in eval mode (EMA weights if asked), no grad, the accelerator's autocast; train mode restored."""
-        module = self.rt.method.export_role().transformer
-        was_training = module.training
+        modules = list(self.rt.method.export_role().modules.values())
+        was_training = [m.training for m in modules]
         ema = self.ema.averaged(self.role_name) if self._use_ema() else contextlib.nullcontext()
-        module.eval()
+        for m in modules:
+            m.eval()
         try:
             with ema, torch.no_grad(), self.acc.autocast():
                 yield
         finally:
-            module.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
 
     def generate(self) -> torch.Tensor | None:
         """Latents ``[N, V, C, T, H, W]`` of all prompts, on the main process (None elsewhere). Collective."""
@@ -300,16 +301,14 @@ class ValidationCallback(Callback):
     # --- decoding and output ------------------------------------------------------------
     def vae(self):
         if self._vae is None:
-            from diffusers import AutoencoderKLWan
-
             try:
-                vae = AutoencoderKLWan.from_pretrained(self.source, subfolder="vae")
+                vae = self.rt.family.load_vae(self.source)
             except OSError as e:
                 raise ConfigError(
                     f"{self.cfg.source}: roles.{self.role_name}.path: cannot load the VAE for validation from "
                     f"{self.source!r} ({str(e).splitlines()[0]})"
                 ) from None
-            self._vae = vae.eval().requires_grad_(False)
+            self._vae = vae
         return self._vae
 
     @torch.no_grad()
@@ -321,7 +320,7 @@ class ValidationCallback(Callback):
             frames = []
             for x in latents:
                 raw = self.rt.adapter.denormalize_latents(x.unsqueeze(0).to(device))
-                video = vae.decode(raw.to(vae.dtype), return_dict=False)[0]
+                video = self.rt.family.decode(vae, raw)
                 frames.append(to_frames(video[0]))
         finally:
             vae.to("cpu")

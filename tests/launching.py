@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -53,3 +54,20 @@ def backend_launch(backend: str) -> tuple[str, str]:
     if backend == "ddp":
         return "accelerate_configs/ddp8.yaml", TRAIN
     return "accelerate_configs/fsdp8.yaml", FSDP_SHIM
+
+
+def straight_then_resumed(
+    backend: str, config: Path, straight: Path, resumed: Path, at: int, env: dict | None = None
+) -> None:
+    """Run the config to the end, then again from its checkpoint at iteration ``at`` into ``resumed``."""
+    accelerate_config, script = backend_launch(backend)
+    launch(accelerate_config, script, "--config", str(config), env=env)
+    ckpt = straight / "checkpoints" / f"checkpoint-{at}"
+    launch(
+        accelerate_config,
+        script,
+        "--config",
+        str(config),
+        f"training.output_dir={resumed}",
+        f"training.resume_from_checkpoint={ckpt}",
+    )

@@ -11,25 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import base_config, run_cli, write_config
-from launching import TRAIN, backend_launch, launch
+from launching import TRAIN, backend_launch, launch, straight_then_resumed
 from safetensors.torch import load_file
-
-
-def straight_then_resumed(
-    backend: str, config: Path, straight: Path, resumed: Path, at: int, env: dict | None = None
-) -> None:
-    """Run the config to the end, then again from its checkpoint at iteration ``at`` into ``resumed``."""
-    accelerate_config, script = backend_launch(backend)
-    launch(accelerate_config, script, "--config", str(config), env=env)
-    ckpt = straight / "checkpoints" / f"checkpoint-{at}"
-    launch(
-        accelerate_config,
-        script,
-        "--config",
-        str(config),
-        f"training.output_dir={resumed}",
-        f"training.resume_from_checkpoint={ckpt}",
-    )
 
 
 def metrics(out: Path) -> dict[int, dict]:

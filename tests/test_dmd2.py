@@ -10,9 +10,10 @@ from conftest import base_config, write_config
 
 from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
-from accel_distill.families.base import FlowMatchAdapter
+from accel_distill.families.base import ModelAdapter
 from accel_distill.methods.base import SampleNoise
 from accel_distill.methods.dmd2 import dmd_gradient, dmd_pseudo_loss
+from accel_distill.noise import RectifiedFlow
 from accel_distill.roles import RoleHandle
 from accel_distill.trainer import Trainer
 
@@ -76,42 +77,42 @@ class ScaledByCondition(torch.nn.Module):
         return (hidden_states * scale + timestep.view(-1, 1, 1, 1, 1) / 1000,)
 
 
-class PlainAdapter(FlowMatchAdapter):
-    def _forward(self, role, x_t, t, cond):
-        return role.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=cond)[0]
+class PlainAdapter(ModelAdapter):
+    def _forward(self, module, dtype, x_t, t, cond):
+        return module(hidden_states=x_t, timestep=t, encoder_hidden_states=cond["text"])[0]
 
 
 def test_cfg_formula_and_single_pass_at_scale_one():
     model = ScaledByCondition()
     role = RoleHandle("teacher", {"transformer": model}, trainable=False, dtype=torch.float32)
-    adapter = PlainAdapter(flow_shift=3.0, latent_channels=4)
+    adapter = PlainAdapter(RectifiedFlow(3.0), latent_channels=4)
     x = torch.randn(2, 4, 1, 2, 2)
     t = torch.tensor([900.0, 300.0])
-    cond, neg = torch.full((2, 5, 8), 2.0), torch.full((2, 5, 8), 0.5)
+    cond, neg = {"text": torch.full((2, 5, 8), 2.0)}, {"text": torch.full((2, 5, 8), 0.5)}
     v_cond = x * 2.0 + t.view(-1, 1, 1, 1, 1) / 1000
     v_neg = x * 0.5 + t.view(-1, 1, 1, 1, 1) / 1000
-    out = adapter.predict_flow_cfg(role, x, t, cond, neg, guidance_scale=4.0)
+    out = adapter.predict_cfg(role, x, t, cond, neg, guidance_scale=4.0)
     torch.testing.assert_close(out, v_neg + 4.0 * (v_cond - v_neg))
     assert model.calls == 1  # cond and negative halves in one batch
     x0 = adapter.predict_x0_cfg(role, x, t, cond, neg, 4.0)
     torch.testing.assert_close(x0, x - (t / 1000).view(-1, 1, 1, 1, 1) * (v_neg + 4.0 * (v_cond - v_neg)))
-    torch.testing.assert_close(adapter.predict_flow_cfg(role, x, t, cond, neg, 1.0), v_cond)
+    torch.testing.assert_close(adapter.predict_cfg(role, x, t, cond, neg, 1.0), v_cond)
     assert model.calls == 3
 
 
 def test_flow_conversions_round_trip():
-    adapter = PlainAdapter(flow_shift=5.0, latent_channels=4)
+    flow = RectifiedFlow(5.0)
     gen = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(2, 3, 4, 1, 2, 2, generator=gen)
     t = torch.tensor([999.0, 10.0, 500.0])
-    x_t = adapter.add_noise(x0, noise, t)
-    v = adapter.flow_target(x0, noise)
-    torch.testing.assert_close(adapter.flow_to_x0(v, x_t, t), x0)
-    torch.testing.assert_close(adapter.flow_to_eps(v, x_t, t), noise)
-    torch.testing.assert_close(adapter.x0_to_flow(x0, x_t, t), v, rtol=1e-4, atol=1e-4)
+    x_t = flow.add_noise(x0, noise, t)
+    v = flow.target(x0, noise, t)
+    torch.testing.assert_close(flow.to_x0(v, x_t, t), x0)
+    torch.testing.assert_close(flow.to_noise(v, x_t, t), noise)
+    torch.testing.assert_close(flow.from_x0(x0, x_t, t), v, rtol=1e-4, atol=1e-4)
     # shift as diffusers' flow-match schedulers apply it
     s = torch.tensor([0.0, 0.5, 1.0])
-    torch.testing.assert_close(adapter.shift_sigma(s), 5 * s / (1 + 4 * s))
+    torch.testing.assert_close(flow.shift_sigma(s), 5 * s / (1 + 4 * s))
 
 
 # --- on a real runtime --------------------------------------------------------------------
@@ -139,14 +140,14 @@ def test_critic_trains_on_the_flow_of_the_detached_student_sample(runtime, monke
     rt = runtime(rollout_mode="data")
     method, adapter = rt.method, rt.method.adapter
     batch = next(iter(rt.stream))
-    cond, rng = batch["text_embeds"], method.sample_noise(batch)
+    cond, rng = adapter.conditioning(batch), method.sample_noise(batch)
     x0, _ = method.student_x0(batch, cond, rng, grad=True)
     assert x0.requires_grad  # the student's graph is live, as on a student-update iteration
 
     # a critic whose flow is exact for x0 (x_t = x0 + sigma v): the loss must vanish
-    exact = lambda role, x_t, t, c: (x_t - x0.detach()) / adapter.sigma(t, x_t)  # noqa: E731
+    exact = lambda role, x_t, t, c: (x_t - x0.detach()) / adapter.noise.sigma(t, x_t)  # noqa: E731
     with monkeypatch.context() as m:
-        m.setattr(adapter, "predict_flow", exact)
+        m.setattr(adapter, "predict", exact)
         assert method.critic_loss(x0, cond, rng).item() < 1e-10
 
     loss = method.critic_loss(x0, cond, rng)
@@ -160,7 +161,7 @@ def test_score_timesteps_lie_in_the_shifted_bounds_per_sample(runtime):
     rt = runtime(min_timestep_ratio=0.3, max_timestep_ratio=0.6)
     keys = torch.stack([torch.zeros(4096, dtype=torch.int64), torch.arange(4096)], dim=1)
     t = rt.method.score_timesteps(SampleNoise(0, keys, torch.device("cpu")))
-    shift = rt.adapter.flow_shift
+    shift = rt.adapter.noise.shift
     lo, hi = (1000 * shift * r / (1 + (shift - 1) * r) for r in (0.3, 0.6))
     assert lo - 1e-3 <= t.min() and t.max() <= hi + 1e-3
     assert t.unique().numel() > 4000  # one timestep per sample, not per batch

@@ -49,6 +49,6 @@ def test_math_backend_computes_what_native_sdpa_computes(tmp_path, tiny_wan, tin
         x = rt.adapter.normalize_latents(batch["latents"])
         t = torch.full((x.shape[0],), 500.0)
         with torch.no_grad():
-            preds.append(rt.adapter.predict_flow(rt.bundle["student"], x, t, batch["text_embeds"]))
+            preds.append(rt.adapter.predict(rt.bundle["student"], x, t, rt.adapter.conditioning(batch)))
     torch.testing.assert_close(preds[0], preds[1], rtol=1e-5, atol=1e-5)
     assert preds[0].abs().sum() > 0

@@ -13,15 +13,16 @@ import torch
 from accelerate import Accelerator
 
 from accel_distill.config.schema import TrainingConfig
-from accel_distill.families.base import FlowMatchAdapter
+from accel_distill.families.base import ModelAdapter
 from accel_distill.methods.base import DistillMethod
+from accel_distill.noise import RectifiedFlow
 from accel_distill.roles import ModelBundle, RoleHandle
 from accel_distill.trainer import Callback, Trainer, TrainingDiverged
 
 
-class NoModelAdapter(FlowMatchAdapter):
-    def _forward(self, role, x_t, t, cond):
-        return role.transformer(x_t)
+class NoModelAdapter(ModelAdapter):
+    def _forward(self, module, dtype, x_t, t, cond):
+        return module(x_t)
 
 
 class Regression(DistillMethod):
@@ -37,10 +38,20 @@ class Regression(DistillMethod):
         model, opt = accelerator.prepare(model, opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         bundle = ModelBundle(
-            {"student": RoleHandle("student", {"transformer": model}, True, torch.float32, 1e9, opt, sched)}
+            {
+                "student": RoleHandle(
+                    "student",
+                    {"transformer": model},
+                    True,
+                    torch.float32,
+                    1e9,
+                    {"transformer": opt},
+                    {"transformer": sched},
+                )
+            }
         )
         cfg = SimpleNamespace(training=SimpleNamespace(seed=0), method_config=None)
-        super().__init__(bundle, NoModelAdapter(1.0, 4), cfg, device=accelerator.device)
+        super().__init__(bundle, NoModelAdapter(RectifiedFlow(1.0), 4), cfg, device=accelerator.device)
         self.poison, self.blow_up, self.calls = poison, blow_up, 0
 
     def train_step(self, batch, iteration):

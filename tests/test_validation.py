@@ -197,7 +197,7 @@ def test_fixed_seeds_give_identical_samples_and_leave_training_untouched(runtime
     noise = torch.randn((1, 16, 2, 4, 4), generator=gen)
     with torch.no_grad():
         ref = few_step_sample(
-            lambda x, t: rt.adapter.predict_flow(student, x, t, cb.embeds[:1]),
+            lambda x, t: rt.adapter.predict(student, x, t, {"text": cb.embeds[:1]}),
             rt.method.export_schedule(),
             noise,
             generator=gen,

@@ -158,6 +158,9 @@ class PipelineConfig:
     # Unconditional embedding for CFG: a tensor file ([L, D]) or a prompt encoded once at start-up.
     negative_prompt_embeds: str | None = None
     negative_prompt: str = ""
+    # Two-expert models (Wan2.2 A14B): t >= boundary_ratio * 1000 runs the high-noise expert
+    # (transformer), below it the low-noise one (transformer_2). Default: the model's model_index.json.
+    boundary_ratio: float | None = None
     # Video size for data-free (text-only) rollouts; ignored when the data carry latents.
     height: int | None = None
     width: int | None = None

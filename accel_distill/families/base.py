@@ -16,90 +16,119 @@ import torch
 
 from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.errors import ConfigError
+from accel_distill.noise import NoiseSchedule
 from accel_distill.roles import RoleHandle
 
+Conditioning = dict[str, torch.Tensor]  # the family's keys, every value batch-first
 
-class FlowMatchAdapter(ABC):
-    """Rectified-flow primitives: x_t = (1 - s) x0 + s noise with s = t / T, v = noise - x0.
 
-    Subclasses implement :meth:`_forward` (the model call) and the latent
-    normalisation of their VAE.
+def cond_batch_size(cond: Conditioning) -> int:
+    return next(iter(cond.values())).shape[0]
+
+
+def cond_cat(a: Conditioning, b: Conditioning) -> Conditioning:
+    """Two conditionings as one batch (CFG: conditional and negative halves in one forward)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def cond_index(cond: Conditioning, index: torch.Tensor) -> Conditioning:
+    return {k: v.index_select(0, index) for k, v in cond.items()}
+
+
+def cond_where(mask: torch.Tensor, a: Conditioning, b: Conditioning) -> Conditioning:
+    """Per sample ``a`` where ``mask`` [B] is true, else ``b`` (e.g. CFG dropout)."""
+    out = {}
+    for k in a:
+        m = mask.view(-1, *([1] * (a[k].dim() - 1)))
+        out[k] = torch.where(m, a[k], b[k]) if a[k] is not b[k] else a[k]
+    return out
+
+
+class ModelAdapter(ABC):
+    """A family's network call as the primitives methods consume, over a :class:`NoiseSchedule`.
+
+    The family defines the conditioning dict (:meth:`conditioning`, :meth:`negative`) and the
+    call (:meth:`_forward`); routing a role's forward to its experts by timestep lives here,
+    once, for every family and method.
     """
 
-    capabilities: frozenset[str] = frozenset({"flow_prediction", "x0_prediction", "cfg"})
-    num_train_timesteps: int = 1000
+    capabilities: frozenset[str] = frozenset({"native_prediction", "x0_prediction", "cfg"})
 
-    def __init__(self, flow_shift: float, latent_channels: int):
-        self.flow_shift = float(flow_shift)
+    def __init__(self, noise: NoiseSchedule, latent_channels: int, *, boundary_timestep: float | None = None):
+        self.noise = noise
         self.latent_channels = latent_channels
+        # two-expert roles: t >= boundary -> "transformer" (high noise), below -> "transformer_2"
+        self.boundary_timestep = boundary_timestep
+        # Sharded / replicated experts must run the same forwards (and backwards) on every rank:
+        # an expert no local sample needs still runs on one sample, its output weighted by 0.
+        self.lockstep = False
 
-    # --- timesteps -----------------------------------------------------------------
-    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Noise level s = t / T of per-sample timesteps ``t`` [B], shaped to broadcast over ``like``."""
-        s = t.to(torch.float32) / self.num_train_timesteps
-        return s.view(-1, *([1] * (like.dim() - 1)))
+    # --- conditioning ---------------------------------------------------------------
+    def conditioning(self, batch: dict) -> Conditioning:
+        """The model's conditioning from a collated batch (text embeddings by default)."""
+        return {"text": batch["text_embeds"]}
 
-    def shift_sigma(self, s: torch.Tensor) -> torch.Tensor:
-        """The family's timestep shift, as diffusers' flow-matching schedulers apply it."""
-        k = self.flow_shift
-        return k * s / (1 + (k - 1) * s)
-
-    def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        """Map u in [0, 1] to shifted timesteps in [0, T]."""
-        return self.shift_sigma(u) * self.num_train_timesteps
-
-    # --- noise and conversions ------------------------------------------------------
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self.sigma(t, x0)
-        return (1 - s) * x0 + s * noise
-
-    def flow_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return noise - x0
-
-    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x_t - self.sigma(t, x_t) * v
-
-    def flow_to_eps(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x_t + (1 - self.sigma(t, x_t)) * v
-
-    def x0_to_flow(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return (x_t - x0) / self.sigma(t, x_t).clamp_min(1e-8)
+    def negative(self, cond: Conditioning, neg_text: torch.Tensor) -> Conditioning:
+        """The unconditional variant of ``cond``: the negative-prompt embedding, the rest kept."""
+        text = cond["text"]
+        return {**cond, "text": neg_text.to(text.dtype).unsqueeze(0).expand(text.shape[0], *neg_text.shape)}
 
     # --- model calls ----------------------------------------------------------------
     @abstractmethod
-    def _forward(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Call the role's model; returns its raw (flow) prediction."""
+    def _forward(self, module: torch.nn.Module, dtype: torch.dtype, x_t, t, cond: Conditioning) -> torch.Tensor:
+        """Call one network; returns its native prediction."""
 
-    def predict_flow(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The role's flow (velocity) prediction in float32."""
-        return self._forward(role, x_t, t, cond).float()
+    def experts(self, role: RoleHandle, t: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
+        """(module key, per-sample mask or None for all) of the role's experts at timesteps ``t``."""
+        if len(role.modules) == 1:
+            return [(next(iter(role.modules)), None)]
+        if self.boundary_timestep is None or set(role.modules) != {"transformer", "transformer_2"}:
+            raise ValueError(f"role {role.name!r} has modules {sorted(role.modules)} but no timestep routing")
+        high = t >= self.boundary_timestep
+        return [("transformer", high), ("transformer_2", ~high)]
 
-    def predict_x0(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.flow_to_x0(self.predict_flow(role, x_t, t, cond), x_t, t)
+    def predict(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The role's native prediction in float32, each sample from the expert its timestep selects."""
+        routes = self.experts(role, t)
+        if len(routes) == 1:
+            return self._forward(role.modules[routes[0][0]], role.dtype, x_t, t, cond).float()
+        out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
+        for key, mask in routes:
+            index = mask.nonzero().squeeze(1)  # one host sync per routed call (two-expert roles only)
+            if index.numel() > 0:
+                pred = self._forward(role.modules[key], role.dtype, x_t[index], t[index], cond_index(cond, index))
+                out.index_copy_(0, index, pred.float())
+            elif self.lockstep:  # keep collectives aligned: one sample, contributing 0
+                first = torch.zeros(1, dtype=torch.long, device=x_t.device)
+                pred = self._forward(role.modules[key], role.dtype, x_t[:1], t[:1], cond_index(cond, first))
+                out = out + 0.0 * pred.float().sum()
+        return out
 
-    def predict_flow_cfg(
+    def predict_x0(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.noise.to_x0(self.predict(role, x_t, t, cond), x_t, t)
+
+    def predict_cfg(
         self,
         role: RoleHandle,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        cond: torch.Tensor,
-        neg_cond: torch.Tensor,
+        cond: Conditioning,
+        neg: Conditioning | None,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """Classifier-free guidance: v = v_neg + g (v_cond - v_neg), diffusers' convention.
+        """Classifier-free guidance: p = p_neg + g (p_cond - p_neg), diffusers' convention.
 
         g = 1 is the plain conditional prediction (one pass); otherwise the
         conditional and negative halves run as one batch of 2B.
         """
         if guidance_scale == 1.0:
-            return self.predict_flow(role, x_t, t, cond)
-        v = self.predict_flow(role, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, neg_cond]))
-        v_cond, v_neg = v.chunk(2)
-        return v_neg + guidance_scale * (v_cond - v_neg)
+            return self.predict(role, x_t, t, cond)
+        p = self.predict(role, torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, neg))
+        p_cond, p_neg = p.chunk(2)
+        return p_neg + guidance_scale * (p_cond - p_neg)
 
-    def predict_x0_cfg(self, role, x_t, t, cond, neg_cond, guidance_scale: float) -> torch.Tensor:
-        v = self.predict_flow_cfg(role, x_t, t, cond, neg_cond, guidance_scale)
-        return self.flow_to_x0(v, x_t, t)
+    def predict_x0_cfg(self, role, x_t, t, cond, neg, guidance_scale: float) -> torch.Tensor:
+        return self.noise.to_x0(self.predict_cfg(role, x_t, t, cond, neg, guidance_scale), x_t, t)
 
     # --- latents --------------------------------------------------------------------
     def normalize_latents(self, raw: torch.Tensor) -> torch.Tensor:
@@ -133,9 +162,16 @@ class MediaEncoder(Protocol):
 
 
 class Family(ABC):
-    """Loads one model family's roles and builds its adapter. Subclass and register."""
+    """Loads one model family's roles, builds its adapter and owns its stock pipeline. Subclass and register.
+
+    What export and validation need of a family is here, so they name none: the VAE and how
+    it decodes, the export's ``model_index.json`` keys. (The pipeline class comes from the
+    source's ``model_index.json``.)
+    """
 
     name: str = ""
+    noise_class: type[NoiseSchedule]
+    vae_class: str = ""  # diffusers class of the family's VAE
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -145,6 +181,21 @@ class Family(ABC):
         """Family-specific checks on the config, before any weights load."""
         return None
 
+    @classmethod
+    def module_keys(cls, cfg: RunConfig, role: str) -> list[str]:
+        """The modules role ``role`` loads (e.g. ``["transformer", "transformer_2"]``), from the config alone."""
+        return ["transformer"]
+
+    @classmethod
+    def few_step_schedule(cls, steps, *, key: str, tolerance: float, kind: str):
+        """The stock scheduler config that samples exactly ``steps`` (the family's noise schedule fits it)."""
+        return cls.noise_class.fit_few_step(steps, key=key, tolerance=tolerance, kind=kind)
+
+    @classmethod
+    def extra_tensor_columns(cls, cfg: RunConfig) -> tuple[str, ...]:
+        """Per-row conditioning tensors the data must carry besides latents and text (e.g. image embeddings)."""
+        return ()
+
     @abstractmethod
     def load_module(
         self, role: str, rc: RoleConfig, dtype: torch.dtype, *, empty: bool = False
@@ -152,8 +203,23 @@ class Family(ABC):
         """Load the role's modules, e.g. ``{"transformer": ...}``; ``empty``: meta weights, real buffers."""
 
     @abstractmethod
-    def make_adapter(self, source: str) -> FlowMatchAdapter:
-        """The adapter for models loaded from ``source`` (normalisation, shift, channels)."""
+    def make_adapter(self, role: str) -> ModelAdapter:
+        """The adapter for ``role``'s model (noise schedule, latent normalisation, channels, expert routing)."""
+
+    # --- the stock pipeline -----------------------------------------------------------
+    def export_index_updates(self, modules: dict[str, torch.nn.Module], index: dict) -> dict:
+        """Keys of the source's ``model_index.json`` the export changes besides the trained modules."""
+        return {}
+
+    def load_vae(self, source: str):
+        """The VAE of ``source`` (fp32, eval), for validation decoding."""
+        import diffusers
+
+        return getattr(diffusers, self.vae_class).from_pretrained(source, subfolder="vae").eval().requires_grad_(False)
+
+    def decode(self, vae, raw_latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalised latents ``[1, C, T, H, W]`` -> a video ``[1, 3, F, H, W]`` in [-1, 1]."""
+        return vae.decode(raw_latents.to(vae.dtype), return_dict=False)[0]
 
     @classmethod
     def media_encoder(

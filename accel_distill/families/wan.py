@@ -1,4 +1,4 @@
-"""Wan2.1 / Wan2.2-TI2V, diffusers-native.
+"""Wan2.1, Wan2.2 TI2V-5B and Wan2.2 A14B (two experts), diffusers-native.
 
 Roles load as ``WanTransformer3DModel.from_pretrained(path, subfolder="transformer")``
 from a Hub id or a local folder. Training reads only the VAE *config* (its
@@ -19,10 +19,10 @@ import torch
 from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
-from accel_distill.families.base import Family, FlowMatchAdapter
+from accel_distill.families.base import Family, ModelAdapter
+from accel_distill.noise import RectifiedFlow
 from accel_distill.precision import half_dtype_for
 from accel_distill.registry import register_family
-from accel_distill.roles import RoleHandle
 
 
 @lru_cache(maxsize=16)
@@ -148,11 +148,19 @@ class WanEncoder:
         return [embeds[i, :n].clone() for i, n in enumerate(lengths)]
 
 
-class WanAdapter(FlowMatchAdapter):
-    """Wan flow-matching primitives with the VAE's per-channel latent normalisation."""
+class WanAdapter(ModelAdapter):
+    """Wan over rectified flow, with the VAE's per-channel latent normalisation."""
 
-    def __init__(self, flow_shift: float, latent_channels: int, latents_mean: list[float], latents_std: list[float]):
-        super().__init__(flow_shift, latent_channels)
+    def __init__(
+        self,
+        noise: RectifiedFlow,
+        latent_channels: int,
+        latents_mean: list[float],
+        latents_std: list[float],
+        *,
+        boundary_timestep: float | None = None,
+    ):
+        super().__init__(noise, latent_channels, boundary_timestep=boundary_timestep)
         self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -172,38 +180,93 @@ class WanAdapter(FlowMatchAdapter):
         mean, std = self._stats(x.device)
         return x.float() * std + mean
 
-    def _forward(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return role.transformer(
-            hidden_states=x_t.to(role.dtype),
+    def _forward(self, module, dtype, x_t, t, cond) -> torch.Tensor:
+        return module(
+            hidden_states=x_t.to(dtype),
             timestep=t.to(torch.float32),
-            encoder_hidden_states=cond.to(role.dtype),
+            encoder_hidden_states=cond["text"].to(dtype),
             return_dict=False,
         )[0]
 
 
+def model_index(path: str) -> dict | None:
+    """A local pipeline folder's ``model_index.json`` (None for a Hub id or a folder without one)."""
+    index = os.path.join(os.path.expanduser(path), "model_index.json")
+    if looks_local(path) and os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def has_second_expert(index: dict | None) -> bool:
+    return index is not None and (index.get("transformer_2") or [None])[0] is not None
+
+
 @register_family("wan")
 class WanFamily(Family):
-    """Wan text-to-video transformers (Wan2.1 1.3B/14B, Wan2.2 TI2V-5B)."""
+    """Wan transformers: Wan2.1 1.3B/14B, Wan2.2 TI2V-5B, and Wan2.2 A14B's two experts.
+
+    A two-expert model (``transformer_2`` in its ``model_index.json``) loads both experts
+    for every role; a forward at ``t >= boundary_ratio * 1000`` runs ``transformer``
+    (high noise), below it ``transformer_2`` (low noise), as ``WanPipeline`` samples.
+    """
+
+    noise_class = RectifiedFlow
+    vae_class = "AutoencoderKLWan"
+
+    @classmethod
+    def module_keys(cls, cfg: RunConfig, role: str) -> list[str]:
+        rc = cfg.roles[role]
+        two = rc.subfolder == "transformer" and has_second_expert(model_index(rc.path))
+        return ["transformer", "transformer_2"] if two else ["transformer"]
 
     @classmethod
     def validate_config(cls, cfg: RunConfig) -> None:
+        experts = {}
         for role, rc in cfg.roles.items():
-            index = os.path.join(os.path.expanduser(rc.path), "model_index.json")
-            if looks_local(rc.path) and os.path.exists(index):
-                with open(index, encoding="utf-8") as f:
-                    model_index = json.load(f)
-                if (model_index.get("transformer_2") or [None])[0] is not None:
-                    fail(
-                        cfg.source,
-                        f"roles.{role}.path",
-                        "two-expert Wan2.2 (transformer_2) models are not supported yet; use a single-transformer model",
-                    )
-                if not os.path.isdir(os.path.join(os.path.expanduser(rc.path), rc.subfolder)):
-                    fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
+            if looks_local(rc.path) and not os.path.isdir(os.path.join(os.path.expanduser(rc.path), rc.subfolder)):
+                fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
+            keys = cls.module_keys(cfg, role)
+            experts[role] = len(keys)
+            if len(keys) == 2:
+                cls._check_experts(cfg, role, rc)
+        if len(set(experts.values())) > 1:
+            detail = ", ".join(f"{r}: {n}" for r, n in experts.items())
+            fail(cfg.source, "roles", f"every role must have the same number of experts ({detail})")
+        ratio = cfg.pipeline_config.boundary_ratio
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            fail(cfg.source, "pipeline_config.boundary_ratio", f"must be in (0, 1), got {ratio}")
+        if ratio is not None and max(experts.values(), default=1) == 1:
+            fail(cfg.source, "pipeline_config.boundary_ratio", "set, but no role has two experts (transformer_2)")
+
+    @classmethod
+    def _check_experts(cls, cfg: RunConfig, role: str, rc: RoleConfig) -> None:
+        """Both experts of a two-expert model: same architecture, a boundary in (0, 1), LoRA targets in both."""
+        src = os.path.expanduser(rc.path)
+        configs = [component_config(src, key) for key in ("transformer", "transformer_2")]
+        shape = [{k: v for k, v in c.items() if not k.startswith("_")} for c in configs]
+        if shape[0] != shape[1]:
+            differ = sorted(k for k in set(shape[0]) | set(shape[1]) if shape[0].get(k) != shape[1].get(k))
+            fail(cfg.source, f"roles.{role}.path", f"{rc.path}: transformer and transformer_2 differ in {differ}")
+        ratio = cfg.pipeline_config.boundary_ratio
+        if ratio is None:
+            ratio = model_index(rc.path).get("boundary_ratio")
+            if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+                fail(
+                    cfg.source,
+                    f"roles.{role}.path",
+                    f"{rc.path}/model_index.json: boundary_ratio must be in (0, 1) for two experts, got {ratio!r} "
+                    "(or set pipeline_config.boundary_ratio)",
+                )
 
     def load_module(
         self, role: str, rc: RoleConfig, dtype: torch.dtype, *, empty: bool = False
     ) -> dict[str, torch.nn.Module]:
+        keys = self.module_keys(self.cfg, role)
+        subfolders = [rc.subfolder] if len(keys) == 1 else keys
+        return {key: self._load_one(role, rc, sub, dtype, empty) for key, sub in zip(keys, subfolders)}
+
+    def _load_one(self, role: str, rc: RoleConfig, subfolder: str, dtype: torch.dtype, empty: bool):
         from diffusers import WanTransformer3DModel
 
         source = os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
@@ -212,10 +275,10 @@ class WanFamily(Family):
                 from accelerate import init_empty_weights
 
                 with init_empty_weights(include_buffers=False):
-                    model = WanTransformer3DModel.from_config(component_config(source, rc.subfolder)).to(dtype)
+                    model = WanTransformer3DModel.from_config(component_config(source, subfolder)).to(dtype)
             else:
                 model = WanTransformer3DModel.from_pretrained(
-                    source, subfolder=rc.subfolder, revision=rc.revision, dtype=dtype
+                    source, subfolder=subfolder, revision=rc.revision, dtype=dtype
                 )
         except OSError as e:
             raise ConfigError(
@@ -224,7 +287,7 @@ class WanFamily(Family):
             ) from None
         if rc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        return {"transformer": model}
+        return model
 
     def flow_shift(self, source: str) -> float:
         """pipeline_config.flow_shift, else the shift in the source's scheduler config."""
@@ -233,15 +296,33 @@ class WanFamily(Family):
         sched = component_config(source, "scheduler")
         return float(sched.get("flow_shift") or sched.get("shift") or 1.0)
 
-    def make_adapter(self, source: str) -> WanAdapter:
+    def boundary_ratio(self, source: str) -> float | None:
+        """pipeline_config.boundary_ratio, else the model's ``model_index.json`` one (two-expert models)."""
+        if self.cfg.pipeline_config.boundary_ratio is not None:
+            return self.cfg.pipeline_config.boundary_ratio
+        index = model_index(source)
+        return index.get("boundary_ratio") if has_second_expert(index) else None
+
+    def make_adapter(self, role: str) -> WanAdapter:
+        rc = self.cfg.roles[role]
+        source = os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
         vae = component_config(source, "vae")
-        transformer = component_config(source, self.cfg.roles["student"].subfolder)
+        transformer = component_config(source, rc.subfolder)
+        ratio = self.boundary_ratio(source)
         return WanAdapter(
-            flow_shift=self.flow_shift(source),
+            RectifiedFlow(self.flow_shift(source)),
             latent_channels=int(transformer["in_channels"]),
             latents_mean=vae["latents_mean"],
             latents_std=vae["latents_std"],
+            boundary_timestep=None if ratio is None else ratio * RectifiedFlow.num_train_timesteps,
         )
+
+    def export_index_updates(self, modules: dict[str, torch.nn.Module], index: dict) -> dict:
+        if "transformer_2" in modules:  # both experts, and where the pipeline switches between them
+            return {"boundary_ratio": self.boundary_ratio(self.cfg.roles[next(iter(self.cfg.roles))].path)}
+        if "transformer_2" in index:  # a single-transformer student of a two-expert source
+            return {"transformer_2": [None, None], "boundary_ratio": None}
+        return {}
 
     @classmethod
     def media_encoder(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from accel_distill.config.schema import RunConfig
-from accel_distill.families.base import FlowMatchAdapter
+from accel_distill.families.base import Conditioning, ModelAdapter
 from accel_distill.roles import ModelBundle, RoleHandle
 
 
@@ -64,11 +64,13 @@ class DistillMethod(ABC):
     # role -> must it be trainable (True) or frozen (False)
     role_trainable: dict[str, bool] = {}
     required_capabilities: frozenset[str] = frozenset()
+    # The role whose weights are the product of the run (exported, validated, its source's VAE decodes).
+    product_role: str = "student"
 
     def __init__(
         self,
         bundle: ModelBundle,
-        adapter: FlowMatchAdapter,
+        adapter: ModelAdapter,
         cfg: RunConfig,
         *,
         device: torch.device,
@@ -79,6 +81,7 @@ class DistillMethod(ABC):
         if missing:
             raise ValueError(f"method {self.name!r} needs adapter capabilities {sorted(missing)}")
         self.bundle, self.adapter, self.cfg = bundle, adapter, cfg
+        self.noise = adapter.noise  # methods speak x0 and noise; the schedule translates
         self.config = cfg.method_config
         self.device = device
         self.neg_cond = None if neg_cond is None else neg_cond.to(device)
@@ -90,6 +93,9 @@ class DistillMethod(ABC):
         self.shared_gen = torch.Generator().manual_seed(derived_seed(self.seed, SHARED_STREAM))
         # One sample's latent [C, T, H, W] for data-free rollouts; set from pipeline_config.
         self.latent_shape: tuple[int, ...] | None = None
+        # The run's EMA callback (None without one), set by the runner: the averaged weights a
+        # method may need (e.g. a consistency target) are ``self.ema.averaged(role)``.
+        self.ema = None
 
     # --- config-time hooks ------------------------------------------------------------
     @classmethod
@@ -113,6 +119,21 @@ class DistillMethod(ABC):
         return cfg.training.max_train_steps
 
     @classmethod
+    def auxiliary_names(cls, cfg: RunConfig) -> tuple[str, ...]:
+        """Names of the trainable networks the method builds itself (a discriminator head, ...), known
+        from the config alone: they are checkpointed under these names, after the configured roles."""
+        return ()
+
+    def build_auxiliary(self) -> dict[str, torch.nn.Module]:
+        """The method's own trainable networks by name (:meth:`auxiliary_names`), built after the roles.
+
+        The runner gives each an AdamW with ``training``'s optimizer settings and its LR schedule,
+        prepares it like a role, and adds it to the bundle as a trainable role of that name: the
+        trainer then clips, steps, checkpoints and resumes it without knowing what it is.
+        """
+        return {}
+
+    @classmethod
     def describe(cls, cfg: RunConfig) -> list[str]:
         """Lines for ``--dry-run``: what this method will do with the config."""
         return []
@@ -126,11 +147,15 @@ class DistillMethod(ABC):
         """Trainable roles whose optimizer steps at ``iteration`` (default: all, every time)."""
         return list(self.bundle.trainable)
 
+    def _units(self, roles) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer, object]]:
+        return [u for r in roles for u in self.bundle[r].units()]
+
     def get_optimizers(self, iteration: int) -> list[torch.optim.Optimizer]:
-        return [self.bundle[r].optimizer for r in self.updating_roles(iteration)]
+        """Every optimizer of the roles updating now (each module of a role has its own)."""
+        return [opt for _, _, opt, _ in self._units(self.updating_roles(iteration))]
 
     def get_lr_schedulers(self, iteration: int) -> list:
-        return [self.bundle[r].lr_scheduler for r in self.updating_roles(iteration)]
+        return [sched for _, _, _, sched in self._units(self.updating_roles(iteration))]
 
     def optimizers_schedulers_step(self, iteration: int) -> None:
         for opt, sched in zip(self.get_optimizers(iteration), self.get_lr_schedulers(iteration)):
@@ -138,30 +163,31 @@ class DistillMethod(ABC):
             sched.step()
 
     def optimizers_zero_grad(self, iteration: int) -> None:
-        # Every trainable role, stepped or not: no gradient may leak into a later iteration.
-        for role in self.bundle.trainable.values():
-            role.optimizer.zero_grad(set_to_none=True)
+        # Every trainable module, stepped or not: no gradient may leak into a later iteration.
+        for opt in self.optimizer_dict.values():
+            opt.zero_grad(set_to_none=True)
 
     def grad_clip_targets(self, iteration: int) -> list[tuple[str, torch.nn.Module, float | None]]:
-        """(name, prepared module, max_norm) of each role stepping now; the trainer clips them."""
-        return [(r, self.bundle[r].transformer, self.bundle[r].max_grad_norm) for r in self.updating_roles(iteration)]
+        """(unit, prepared module, max_norm) of each module stepping now; the trainer clips them."""
+        roles = self.updating_roles(iteration)
+        return [(unit, module, self.bundle[r].max_grad_norm) for r in roles for unit, module, _, _ in self._units([r])]
 
     @property
     def model_dict(self) -> dict[str, torch.nn.Module]:
-        return {n: r.transformer for n, r in self.bundle.trainable.items()}
+        return {unit: module for unit, module, _, _ in self._units(self.bundle.trainable)}
 
     @property
     def optimizer_dict(self) -> dict[str, torch.optim.Optimizer]:
-        return {n: r.optimizer for n, r in self.bundle.trainable.items()}
+        return {unit: opt for unit, _, opt, _ in self._units(self.bundle.trainable)}
 
     @property
     def scheduler_dict(self) -> dict:
-        return {n: r.lr_scheduler for n, r in self.bundle.trainable.items()}
+        return {unit: sched for unit, _, _, sched in self._units(self.bundle.trainable)}
 
     # --- export and state -------------------------------------------------------------
     def export_role(self) -> RoleHandle:
-        """The role whose weights are the product of the run."""
-        return self.bundle["student"]
+        """The role whose weights are the product of the run (:attr:`product_role`)."""
+        return self.bundle[self.product_role]
 
     def export_schedule(self):
         """The few-step schedule to export with the student, or None to keep the source scheduler."""
@@ -182,8 +208,8 @@ class DistillMethod(ABC):
         """One draw that every rank makes identically."""
         return int(torch.randint(high, (1,), generator=self.shared_gen))
 
-    def negative_like(self, cond: torch.Tensor) -> torch.Tensor:
-        """The negative-prompt embedding broadcast to ``cond``'s batch."""
+    def negative(self, cond: Conditioning) -> Conditioning:
+        """The unconditional variant of ``cond`` (the family decides what the negative replaces)."""
         if self.neg_cond is None:
             raise ValueError(f"method {self.name!r} needs a negative-prompt embedding but none was loaded")
-        return self.neg_cond.to(cond.dtype).unsqueeze(0).expand(cond.shape[0], *self.neg_cond.shape)
+        return self.adapter.negative(cond, self.neg_cond)

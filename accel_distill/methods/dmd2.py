@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range, fail
+from accel_distill.families.base import Conditioning, cond_batch_size
 from accel_distill.methods.base import DistillMethod, SampleNoise
-from accel_distill.registry import register_method
-from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
+from accel_distill.registry import FAMILIES, register_method
+from accel_distill.schedule import FewStepSchedule
 
 
 @dataclass
@@ -67,9 +68,10 @@ def dmd_pseudo_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
-def critic_flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Flow matching of the fake score on (detached) student samples: target noise - x0."""
-    return F.mse_loss(v_pred.float(), (noise - x0).float())
+def critic_denoising_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Denoising score matching of the fake score on (detached) student samples, in its native prediction
+    (flow matching for rectified-flow families: target noise - x0)."""
+    return F.mse_loss(pred.float(), target.float())
 
 
 @register_method("dmd2")
@@ -79,7 +81,7 @@ class DMD2Method(DistillMethod):
     config_class = DMD2Config
     required_roles = ("student", "teacher", "critic")
     role_trainable = {"student": True, "teacher": False, "critic": True}
-    required_capabilities = frozenset({"flow_prediction", "x0_prediction", "cfg"})
+    required_capabilities = frozenset({"native_prediction", "x0_prediction", "cfg"})
 
     @classmethod
     def validate_config(cls, cfg: RunConfig) -> None:
@@ -100,7 +102,7 @@ class DMD2Method(DistillMethod):
     @classmethod
     def schedule_from(cls, cfg: RunConfig) -> FewStepSchedule:
         c = cfg.method_config
-        return fit_few_step_schedule(
+        return FAMILIES[cfg.recipe.family].few_step_schedule(
             c.dmd_denoising_steps,
             key=f"{cfg.source}: method_config.dmd_denoising_steps",
             tolerance=c.step_tolerance,
@@ -153,64 +155,61 @@ class DMD2Method(DistillMethod):
         c = self.config
         u = c.min_timestep_ratio + (c.max_timestep_ratio - c.min_timestep_ratio) * rng.rand()
         if c.shift_score_timesteps:
-            return self.adapter.timesteps_from_uniform(u)
-        return u * self.adapter.num_train_timesteps
+            return self.noise.timesteps_from_uniform(u)
+        return u * self.noise.num_train_timesteps
 
     def next_sample(
-        self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, rng: SampleNoise
+        self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, rng: SampleNoise
     ) -> torch.Tensor:
-        """Move from t to t_next as the exported sampler will (sde: re-noise x0; ode: Euler)."""
-        if self.sampler_kind == "ode":
-            return x_t + (self.adapter.sigma(t_next, x_t) - self.adapter.sigma(t, x_t)) * v
-        x0 = self.adapter.flow_to_x0(v, x_t, t)
-        return self.adapter.add_noise(x0, rng.randn_like(x0), t_next)
+        """Move from t to t_next as the exported sampler will (sde: re-noise x0; ode: a deterministic step)."""
+        return self.noise.step(x_t, pred, t, t_next, rng.randn_like, self.sampler_kind)
 
     def rollout_start(
-        self, batch: dict, cond: torch.Tensor, rng: SampleNoise
+        self, batch: dict, cond: Conditioning, rng: SampleNoise
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(x_t, t, exit index): where the student's graded step starts."""
         student, n_steps = self.bundle["student"], len(self.timesteps)
-        b = cond.shape[0]
+        b = cond_batch_size(cond)
         if self.config.rollout_mode == "data":
             x0 = self.adapter.normalize_latents(batch["latents"])
             t = self.timesteps[rng.randint(n_steps)]
-            return self.adapter.add_noise(x0, rng.randn_like(x0), t), t, -1
+            return self.noise.add_noise(x0, rng.randn_like(x0), t), t, -1
         shape = tuple(batch["latents"].shape[1:]) if "latents" in batch else self.latent_shape
         x = rng.randn(shape)
         exit_idx = self.shared_randint(n_steps)
         with torch.no_grad():  # only the steps this exit index needs, never the whole chain
             for i in range(exit_idx):
                 t, t_next = self.timesteps[i].expand(b), self.timesteps[i + 1].expand(b)
-                x = self.next_sample(x, self.adapter.predict_flow(student, x, t, cond), t, t_next, rng)
+                x = self.next_sample(x, self.adapter.predict(student, x, t, cond), t, t_next, rng)
         return x, self.timesteps[exit_idx].expand(b), exit_idx
 
-    def student_x0(self, batch: dict, cond: torch.Tensor, rng: SampleNoise, *, grad: bool) -> tuple[torch.Tensor, dict]:
+    def student_x0(self, batch: dict, cond: Conditioning, rng: SampleNoise, *, grad: bool) -> tuple[torch.Tensor, dict]:
         x_t, t, exit_idx = self.rollout_start(batch, cond, rng)
         with torch.set_grad_enabled(grad):
             x0 = self.adapter.predict_x0(self.bundle["student"], x_t, t, cond)
         return x0, {"student_timesteps": t, "exit_index": exit_idx}
 
-    def dmd_loss(self, x0: torch.Tensor, cond: torch.Tensor, rng: SampleNoise) -> tuple[torch.Tensor, dict]:
+    def dmd_loss(self, x0: torch.Tensor, cond: Conditioning, rng: SampleNoise) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             t = self.score_timesteps(rng)
-            x_t = self.adapter.add_noise(x0.detach(), rng.randn_like(x0), t)
+            x_t = self.noise.add_noise(x0.detach(), rng.randn_like(x0), t)
             fake_x0 = self.adapter.predict_x0(self.bundle["critic"], x_t, t, cond)
             g = self.config.real_score_guidance_scale
-            neg = self.negative_like(cond) if g != 1.0 else None
+            neg = self.negative(cond) if g != 1.0 else None
             real_x0 = self.adapter.predict_x0_cfg(self.bundle["teacher"], x_t, t, cond, neg, g)
             grad = dmd_gradient(x0.detach(), fake_x0, real_x0)
         return dmd_pseudo_loss(x0, grad), {"dmd_timesteps": t}
 
-    def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor, rng: SampleNoise) -> torch.Tensor:
+    def critic_loss(self, x0: torch.Tensor, cond: Conditioning, rng: SampleNoise) -> torch.Tensor:
         x0 = x0.detach()
         t = self.score_timesteps(rng)
         noise = rng.randn_like(x0)
-        v = self.adapter.predict_flow(self.bundle["critic"], self.adapter.add_noise(x0, noise, t), t, cond)
-        return critic_flow_loss(v, x0, noise)
+        pred = self.adapter.predict(self.bundle["critic"], self.noise.add_noise(x0, noise, t), t, cond)
+        return critic_denoising_loss(pred, self.noise.target(x0, noise, t))
 
     # --- the step ---------------------------------------------------------------------
     def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
-        cond, rng = batch["text_embeds"], self.sample_noise(batch)
+        cond, rng = self.adapter.conditioning(batch), self.sample_noise(batch)
         update_student = self.updates_student(iteration)
         x0, outputs = self.student_x0(batch, cond, rng, grad=update_student)
         losses: dict[str, torch.Tensor] = {}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range
+from accel_distill.families.base import cond_where
 from accel_distill.methods.base import DistillMethod, SampleNoise
 from accel_distill.registry import register_method
 
@@ -27,7 +28,8 @@ class FinetuneConfig:
     logit_std: float = 1.0
     # Probability of replacing a sample's text embedding with the negative one (enables CFG).
     cfg_dropout_rate: float = 0.1
-    # Space of the regression target: the flow (noise - x0) or the clean latent x0.
+    # Space of the regression target: the network's native prediction ("flow": noise - x0 for
+    # rectified-flow families) or the clean latent x0.
     pred_type: Literal["flow", "x0"] = "flow"
 
 
@@ -38,7 +40,7 @@ class FinetuneMethod(DistillMethod):
     config_class = FinetuneConfig
     required_roles = ("student",)
     role_trainable = {"student": True}
-    required_capabilities = frozenset({"flow_prediction"})
+    required_capabilities = frozenset({"native_prediction"})
 
     @classmethod
     def validate_config(cls, cfg: RunConfig) -> None:
@@ -64,22 +66,22 @@ class FinetuneMethod(DistillMethod):
             u = torch.sigmoid(c.logit_mean + c.logit_std * noise.randn(()))
         else:
             u = noise.rand()
-        return self.adapter.timesteps_from_uniform(u)
+        return self.noise.timesteps_from_uniform(u)
 
     def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
         student = self.bundle["student"]
         x0 = self.adapter.normalize_latents(batch["latents"])
-        cond = batch["text_embeds"]
+        cond = self.adapter.conditioning(batch)
         rng = self.sample_noise(batch)
         if self.config.cfg_dropout_rate > 0:
             drop = rng.rand() < self.config.cfg_dropout_rate
-            cond = torch.where(drop.view(-1, 1, 1), self.negative_like(cond), cond)
+            cond = cond_where(drop, self.negative(cond), cond)
         t = self.sample_timesteps(rng)
         noise = rng.randn_like(x0)
-        x_t = self.adapter.add_noise(x0, noise, t)
-        v = self.adapter.predict_flow(student, x_t, t, cond)
+        x_t = self.noise.add_noise(x0, noise, t)
+        pred = self.adapter.predict(student, x_t, t, cond)
         if self.config.pred_type == "flow":
-            loss = F.mse_loss(v, self.adapter.flow_target(x0, noise))
+            loss = F.mse_loss(pred, self.noise.target(x0, noise, t))
         else:
-            loss = F.mse_loss(self.adapter.flow_to_x0(v, x_t, t), x0)
+            loss = F.mse_loss(self.noise.to_x0(pred, x_t, t), x0)
         return {"total_loss": loss, "flow_loss": loss.detach()}, {"timesteps": t}

@@ -2,7 +2,7 @@
 
 Tests, the demo and the benchmarks load them through the same
 ``from_pretrained`` path a Hub id takes, so no code path is special-cased for
-them. Configs follow ``shared/design/FACTS.md``.
+them. Sizes follow diffusers' own tiny test configs.
 """
 
 from __future__ import annotations
@@ -69,15 +69,32 @@ def tiny_text_encoder(vocab_size: int, d_model: int):
     )
 
 
-def save_pipeline(path: str | Path, *, transformer, vae, tokenizer, text_encoder, flow_shift: float) -> Path:
-    """Save a WanPipeline folder with Wan's own scheduler (UniPC, flow prediction)."""
+def save_pipeline(
+    path: str | Path,
+    *,
+    transformer,
+    vae,
+    tokenizer,
+    text_encoder,
+    flow_shift: float,
+    transformer_2=None,
+    boundary_ratio: float | None = None,
+) -> Path:
+    """Save a WanPipeline folder with Wan's own scheduler (UniPC, flow prediction); two experts with
+    ``transformer_2`` and ``boundary_ratio`` (Wan2.2 A14B's layout)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
     )
     pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
     )
     pipe.save_pretrained(path)
     return Path(path)
@@ -95,17 +112,21 @@ def build_tiny_wan(
     seed: int = 0,
     flow_shift: float = 3.0,
     transformer_config: dict | None = None,
+    boundary_ratio: float | None = None,
 ) -> Path:
     """Write a complete random-weight ``WanPipeline`` folder at ``path`` and return it.
 
     ``transformer_config`` (``WanTransformer3DModel`` keyword arguments) replaces the
     named ``size``; the VAE stays tiny and the text encoder matches its ``text_dim``.
+    ``boundary_ratio``: a two-expert (Wan2.2 A14B-style) pipeline with a second, differently
+    initialised ``transformer_2`` for timesteps below ``boundary_ratio * 1000``.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     torch.manual_seed(seed)
     cfg = dict(transformer_config) if transformer_config is not None else tiny_transformer_config(size)
     transformer = WanTransformer3DModel(**cfg)
+    transformer_2 = WanTransformer3DModel(**cfg) if boundary_ratio is not None else None
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
@@ -117,17 +138,21 @@ def build_tiny_wan(
         tokenizer=tokenizer,
         text_encoder=tiny_text_encoder(64, cfg["text_dim"]),
         flow_shift=flow_shift,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
     )
 
 
-def perturb_transformer(path: str | Path, *, scale: float = 0.05, seed: int = 1) -> None:
+def perturb_transformer(
+    path: str | Path, *, scale: float = 0.05, seed: int = 1, subfolder: str = "transformer"
+) -> None:
     """Add seeded noise to a saved transformer so teacher and student differ (tests)."""
     from diffusers import WanTransformer3DModel
 
     path = Path(path)
-    model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    model = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(path / "transformer")
+    model.save_pretrained(path / subfolder)

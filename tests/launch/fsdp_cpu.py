@@ -33,16 +33,17 @@ def fsdp_on_cpu(*args, **kwargs):
 
 builder.Accelerator = fsdp_on_cpu
 
-if os.environ.get("SHARD_REPORT"):  # where to write {role: [local params, total params]} per rank
+if os.environ.get("SHARD_REPORT"):  # where to write {role or role.module: [local params, total params]} per rank
     _build = builder.build_runtime
 
     def build_and_report(cfg):
         rt = _build(cfg)
         report = {}
         for name, role in rt.bundle.roles.items():
-            params = list(role.transformer.parameters())
-            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
-            report[name] = [local, sum(p.numel() for p in params)]
+            for key, module in role.modules.items():
+                params = list(module.parameters())
+                local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+                report[role.unit(key)] = [local, sum(p.numel() for p in params)]
         path = f"{os.environ['SHARD_REPORT']}.rank{rt.accelerator.process_index}.json"
         with open(path, "w") as f:
             json.dump(report, f)

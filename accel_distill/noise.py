@@ -1,0 +1,128 @@
+"""Noise schedules: how clean latents, noise and a network's prediction relate at a timestep.
+
+Methods speak clean latents (x0) and noise; a schedule translates to what the
+network predicts (its *native* prediction: the flow for rectified-flow models,
+v or eps for DDPM models), moves a sample from one timestep to the next the way
+the exported stock scheduler will, and fits that scheduler's config so the
+stock pipeline visits exactly the trained timesteps. It knows no network.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+
+from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
+
+
+class NoiseSchedule(ABC):
+    """The forward process and its conversions; timesteps ``t`` are float ``[B]`` in [0, T]."""
+
+    num_train_timesteps: int = 1000
+    prediction: str = ""  # the network's native output ("flow", "v", "eps")
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t from clean latents and unit Gaussian noise."""
+
+    @abstractmethod
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The native prediction a perfect network makes at x_t = add_noise(x0, noise, t)."""
+
+    @abstractmethod
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Clean latents implied by a native prediction at x_t."""
+
+    @abstractmethod
+    def to_noise(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by a native prediction at x_t."""
+
+    @abstractmethod
+    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The native prediction that implies ``x0`` at x_t."""
+
+    @abstractmethod
+    def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Training timesteps for u in [0, 1] (with the family's shift, as at inference)."""
+
+    @abstractmethod
+    def step(
+        self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise, kind: str
+    ) -> torch.Tensor:
+        """Move from t to t_next as the exported few-step sampler does ("sde": re-noise x0 with
+        ``noise()``'s draw; "ode": a deterministic step)."""
+
+    @classmethod
+    @abstractmethod
+    def fit_few_step(cls, steps: Sequence[float], *, key: str, tolerance: float, kind: str) -> FewStepSchedule:
+        """A stock scheduler config whose ``set_timesteps(len(steps))`` gives ``steps`` (ConfigError naming ``key``)."""
+
+    @abstractmethod
+    def sample(
+        self,
+        predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        schedule: FewStepSchedule,
+        latents: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise pure noise in ``schedule``'s steps exactly as the stock pipeline + scheduler do."""
+
+
+class RectifiedFlow(NoiseSchedule):
+    """x_t = (1 - s) x0 + s noise with s = t / T; the network predicts the flow v = noise - x0."""
+
+    prediction = "flow"
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = float(shift)
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Noise level s = t / T of per-sample timesteps ``t`` [B], shaped to broadcast over ``like``."""
+        s = t.to(torch.float32) / self.num_train_timesteps
+        return s.view(-1, *([1] * (like.dim() - 1)))
+
+    def shift_sigma(self, s: torch.Tensor) -> torch.Tensor:
+        """The timestep shift diffusers' flow-matching schedulers apply."""
+        k = self.shift
+        return k * s / (1 + (k - 1) * s)
+
+    def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        return self.shift_sigma(u) * self.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return noise - x0
+
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t - self.sigma(t, x_t) * pred
+
+    def to_noise(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t + (1 - self.sigma(t, x_t)) * pred
+
+    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x_t - x0) / self.sigma(t, x_t).clamp_min(1e-8)
+
+    def step(self, x_t, pred, t, t_next, noise, kind: str) -> torch.Tensor:
+        if kind == "ode":  # Euler, FlowMatchEulerDiscreteScheduler
+            return x_t + (self.sigma(t_next, x_t) - self.sigma(t, x_t)) * pred
+        x0 = self.to_x0(pred, x_t, t)  # FlowMatchLCMScheduler: x0, then re-noise to t_next
+        return self.add_noise(x0, noise(x0), t_next)
+
+    @classmethod
+    def fit_few_step(cls, steps, *, key: str, tolerance: float, kind: str) -> FewStepSchedule:
+        return fit_few_step_schedule(steps, key=key, tolerance=tolerance, kind=kind)
+
+    def sample(self, predict, schedule: FewStepSchedule, latents, *, generator=None) -> torch.Tensor:
+        from accel_distill.sampling import few_step_sample
+
+        return few_step_sample(predict, schedule, latents, generator=generator)
+
+    def many_step_schedule(self) -> FewStepSchedule:
+        """The base schedule a many-step (finetuned) model samples with: Euler at this shift."""
+        return FewStepSchedule((), shift=self.shift, shift_terminal=None, kind="ode")
