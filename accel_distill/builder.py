@@ -207,6 +207,8 @@ def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: ModelA
         expected_latent_channels=adapter.latent_channels,
         # the text encoder width the transformer takes; an adapter without it skips the check
         expected_text_dim=getattr(adapter, "text_dim", None),
+        # the family's conditioning tensors besides text (first-frame latents, image embeddings, ...)
+        extra_tensor_columns=FAMILIES[cfg.recipe.family].extra_tensor_columns(cfg),
         prefetch=t.dataloader_num_workers,
         pin_memory=acc.device.type not in ("cpu", "mps"),  # MPS shares host memory: nothing to pin
     )
