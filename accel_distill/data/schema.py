@@ -202,6 +202,19 @@ def _shape_runs(samples: list[dict]) -> list[list]:
     return runs
 
 
+def shapes_from_footer(schema: pa.Schema, num_rows: int) -> np.ndarray | None:
+    """Latent shapes recorded by ``write_parquet`` in the footer (run-length), or None if absent / inconsistent."""
+    raw = (schema.metadata or {}).get(SHAPES_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        runs = json.loads(raw)
+        shapes = np.concatenate([np.tile(np.asarray(s, dtype=np.int64), (int(n), 1)) for s, n in runs])
+    except (ValueError, TypeError):
+        return None
+    return shapes if shapes.shape == (num_rows, 4) else None
+
+
 def _row(sample: dict, with_latents: bool, metadata_keys: set[str]) -> dict:
     row: dict[str, Any] = {ID: str(sample[ID])}
     write_tensor_columns(row, TEXT, sample["text_embedding"])

@@ -45,8 +45,8 @@ from .schema import (
     LATENT_COLUMNS,
     LATENT_SHAPE,
     REQUIRED_COLUMNS,
-    SHAPES_METADATA_KEY,
     TEXT_COLUMNS,
+    shapes_from_footer,
     tensor_columns,
 )
 from .sources import DataFile, resolve_data_files
@@ -220,7 +220,7 @@ class LatentStream:
                 self._check_columns(file, names)
                 if LATENT_BYTES not in names:
                     return _FileScan(meta, names, None)
-                shapes = _shapes_from_footer(schema, meta.num_rows)
+                shapes = shapes_from_footer(schema, meta.num_rows)
                 if shapes is None:
                     shapes = _shapes_from_column(file, pf.read(columns=[LATENT_SHAPE]).column(0))
         except DataError:
@@ -425,19 +425,6 @@ def _check_extra_names(names: Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"extra_tensor_columns: duplicate names in {list(names)}")
     return names
-
-
-def _shapes_from_footer(schema: pa.Schema, num_rows: int) -> np.ndarray | None:
-    """Latent shapes recorded by ``write_parquet`` in the footer (run-length), or None if absent / inconsistent."""
-    raw = (schema.metadata or {}).get(SHAPES_METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        runs = json.loads(raw)
-        shapes = np.concatenate([np.tile(np.asarray(s, dtype=np.int64), (int(n), 1)) for s, n in runs])
-    except (ValueError, TypeError):
-        return None
-    return shapes if shapes.shape == (num_rows, 4) else None
 
 
 def _shapes_from_column(file: DataFile, column: pa.ChunkedArray) -> np.ndarray:

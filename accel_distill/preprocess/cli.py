@@ -1,9 +1,10 @@
-"""Command line: ``python -m accel_distill.preprocess {videos,prompts,negative,validation} ...``.
+"""Command line: ``python -m accel_distill.preprocess {videos,prompts,negative,validation,check} ...``.
 
 Also installed as the ``accel-distill-preprocess`` console script. ``videos`` and
 ``prompts`` run under ``accelerate launch`` as well (each rank encodes its own
 shards); ``negative`` and ``validation`` write one small output and run on the
-main process only. User mistakes print one ``error:`` line and exit 2.
+main process only; ``check`` reads data and loads no model. User mistakes print
+one ``error:`` line and exit 2; ``check`` exits 1 when it found problems.
 """
 
 from __future__ import annotations
@@ -113,6 +114,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     va.add_argument("--prompts", required=True, help=".txt (one per line), .json or .jsonl prompt list")
     va.add_argument("--output", required=True, help="folder for validation.json and embeds/")
     _model_args(va)
+
+    c = sub.add_parser(
+        "check",
+        help="scan parquet data and report every problem per file and row (exit 1 if any)",
+        description="Reads every row of the data (as training.data_path: files, folders, patterns, "
+        "hf://datasets/OWNER/NAME[@REVISION][/PATH]) and prints one line per problem: unreadable files, "
+        "missing columns, null or non-4-D / non-2-D shapes, unknown dtypes, bytes that do not fit shape x dtype, "
+        "NaN/inf, text longer than --text-max-length, and with --model the text width and latent channels "
+        "the model expects.",
+    )
+    c.add_argument("data", nargs="+", help="parquet files, folders, patterns or Hub dataset references")
+    c.add_argument("--model", default=None, help="diffusers folder or Hub id to check widths against")
+    c.add_argument("--revision", default=None, help="Hub revision of --model")
+    c.add_argument("--text-max-length", type=_positive(int), default=None, help="pipeline_config.text_max_length")
+    c.add_argument("--extra-tensor-columns", nargs="*", default=[], help="extra tensors the family reads")
+    c.add_argument("--max-problems", type=int, default=100, help="lines printed at most (default 100; all: 0)")
+    c.add_argument("--json", default=None, help="also write every problem to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -143,8 +161,43 @@ def _settings(args: argparse.Namespace, digest: str, count: int) -> dict:
     return {**settings, "inputs": count, "inputs_digest": digest}
 
 
+def run_check(args: argparse.Namespace) -> int:
+    """``check``: every problem on stdout (one line each, up to --max-problems), a summary; 1 if any."""
+    import json
+
+    from accel_distill.data.checks import Report, check_dataset, model_widths
+
+    text_dim, channels = model_widths(args.model, revision=args.revision) if args.model else (None, None)
+    report = Report()
+    shown = 0
+    found = check_dataset(
+        args.data,
+        text_max_length=args.text_max_length,
+        text_dim=text_dim,
+        latent_channels=channels,
+        extra_tensor_columns=args.extra_tensor_columns,
+        report=report,
+    )
+    for problem in found:
+        if not args.max_problems or shown < args.max_problems:
+            print(problem, flush=True)
+            shown += 1
+    if len(report.problems) > shown:
+        print(f"... and {len(report.problems) - shown} more (--max-problems 0 prints all)")
+    if args.json:
+        rows = [{"file": p.file, "row": p.row, "id": p.id, "problem": p.message} for p in report.problems]
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"rows": report.rows, "files": report.files, "problems": rows}, f, indent=1)
+    widths = f" against {args.model} (text width {text_dim}, latent channels {channels})" if args.model else ""
+    print(report.summary() + widths)
+    return 1 if report.problems else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from accel_distill.precision import dtype_of
+
+    if args.command == "check":
+        return run_check(args)
 
     from .encode import make_encoder, resolve_dtype
     from .jobs import MediaJob, inputs_digest, preprocess_media, preprocess_prompts, write_negative, write_validation
