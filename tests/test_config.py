@@ -737,10 +737,26 @@ def test_finetune_config_and_plan(make_config):
     assert any(line.startswith("finetune:") for line in plan)
 
 
-def test_hub_ids_are_not_checked_locally(make_config):
-    """``org/name`` role paths are Hub ids: validated when loaded, not as local paths."""
-    path, _ = make_config("dmd2", setk("roles.teacher.path", "Wan-AI/Wan2.1-T2V-14B-Diffusers"))
-    assert load_config(str(path)).roles["teacher"].path == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+def test_hub_ids_are_not_checked_locally(make_config, tmp_path, monkeypatch, capsys, tiny_wan):
+    """``org/name`` role paths are Hub ids, not local paths. Only their small model_index.json is read
+    before anything loads (it says whether the model has two experts); unreadable, that is one line."""
+    import huggingface_hub.constants
+
+    from accel_distill.families.wan import model_index
+
+    repo = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    path, _ = make_config("dmd2", setk("roles.teacher.path", repo))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    model_index.cache_clear()
+    assert main(["--config", str(path), "--dry-run"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "roles.teacher.path:", repo, "model_index.json")
+
+    cache = offline_hub_cache(tmp_path / "hub-cache", {repo: tiny_wan})  # its configs in the Hub cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model_index.cache_clear()
+    assert load_config(str(path)).roles["teacher"].path == repo
+    model_index.cache_clear()
 
 
 def test_resume_latest_needs_no_path(make_config):
@@ -771,17 +787,48 @@ def test_duplicate_key_is_an_error_not_a_silent_overwrite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")))
+def offline_hub_cache(root: Path, repos: dict[str, Path]) -> Path:
+    """An offline Hub cache in which each repo id holds the config files (no weights) of a local folder."""
+    for repo, folder in repos.items():
+        snapshot = root / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        for f in folder.rglob("*.json"):
+            (snapshot / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / f.relative_to(folder)).write_bytes(f.read_bytes())
+        (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+        (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml")))
 def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wan):
     """Every config in configs/ passes strict validation from the repository root (where its relative
     paths, e.g. the committed models/digits-wan, resolve), its data path pointed at a real folder.
-    Role folders a build step creates first (digits: outputs/digits_build/base) stand in as a tiny model."""
+    Role folders a build step creates first (digits: outputs/digits_build/base) stand in as a tiny model;
+    Hub ids resolve from an offline Hub cache holding a tiny model's configs (two experts for A14B)."""
+    import huggingface_hub.constants
+
+    from accel_distill.families.wan import component_config, model_index
+    from accel_distill.testing.tiny_wan import build_tiny_wan
+
     monkeypatch.chdir(Path(__file__).parents[1])
     (tmp_path / "data").mkdir()
     overrides = [f"training.data_path={tmp_path / 'data'}"]
+    hub = {}
     for role, rc in yaml.safe_load(Path(config).read_text())["roles"].items():
         if rc["path"].startswith("outputs/"):
             overrides.append(f"roles.{role}.path={tiny_wan}")
-    assert main(["--config", config, "--dry-run", *overrides]) == 0, capsys.readouterr().err
+        elif rc["path"].startswith("Wan-AI/") and rc["path"] not in hub:
+            two = "A14B" in rc["path"]
+            hub[rc["path"]] = build_tiny_wan(tmp_path / "two-experts", boundary_ratio=0.875) if two else tiny_wan
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hub_cache(tmp_path / "hub", hub)))
+    model_index.cache_clear()
+    component_config.cache_clear()
+    try:
+        assert main(["--config", config, "--dry-run", *overrides]) == 0, capsys.readouterr().err
+    finally:
+        model_index.cache_clear()
+        component_config.cache_clear()
 
 
 def test_fp16_with_two_trainable_roles_is_refused(tmp_path, tiny_wan, tiny_teacher, latent_data, capsys):

@@ -189,13 +189,23 @@ class WanAdapter(ModelAdapter):
         )[0]
 
 
-def model_index(path: str) -> dict | None:
-    """A local pipeline folder's ``model_index.json`` (None for a Hub id or a folder without one)."""
-    index = os.path.join(os.path.expanduser(path), "model_index.json")
-    if looks_local(path) and os.path.exists(index):
+@lru_cache(maxsize=16)
+def model_index(path: str, revision: str | None = None) -> dict | None:
+    """A pipeline's ``model_index.json``: a local folder's (None without one), or that one small
+    file of a Hub id (which experts it has must be known before anything loads)."""
+    if looks_local(path):
+        index = os.path.join(os.path.expanduser(path), "model_index.json")
+        if not os.path.exists(index):
+            return None
         with open(index, encoding="utf-8") as f:
             return json.load(f)
-    return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with open(hf_hub_download(path, "model_index.json", revision=revision), encoding="utf-8") as f:
+            return json.load(f)
+    except Exception as e:  # offline, unknown repo, no such file: say so, never guess the layout
+        raise ConfigError(f"{path}: cannot read model_index.json from the Hub ({str(e).splitlines()[0]})") from None
 
 
 def has_second_expert(index: dict | None) -> bool:
@@ -217,7 +227,10 @@ class WanFamily(Family):
     @classmethod
     def module_keys(cls, cfg: RunConfig, role: str) -> list[str]:
         rc = cfg.roles[role]
-        two = rc.subfolder == "transformer" and has_second_expert(model_index(rc.path))
+        try:
+            two = rc.subfolder == "transformer" and has_second_expert(model_index(rc.path, rc.revision))
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.source}: roles.{role}.path: {e}") from None
         return ["transformer", "transformer_2"] if two else ["transformer"]
 
     @classmethod
@@ -250,7 +263,7 @@ class WanFamily(Family):
             fail(cfg.source, f"roles.{role}.path", f"{rc.path}: transformer and transformer_2 differ in {differ}")
         ratio = cfg.pipeline_config.boundary_ratio
         if ratio is None:
-            ratio = model_index(rc.path).get("boundary_ratio")
+            ratio = model_index(rc.path, rc.revision).get("boundary_ratio")
             if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
                 fail(
                     cfg.source,
