@@ -183,12 +183,55 @@ def test_round_trip_shapes_dtypes_metadata_and_skipped(encoded, media, tiny_wan)
 
 def test_train_distill_trains_on_the_result(encoded, tmp_path, tiny_wan, tiny_teacher):
     cfg = base_config("finetune", tiny_wan, tiny_teacher, encoded, tmp_path / "run")
-    # videos and images have different latent shapes, and a batch needs one shape: batches of 1
-    cfg["training"].update(max_train_steps=2, checkpointing_steps=2, train_batch_size=1)
+    # videos and images have different latent shapes: each batch is drawn from one bucket
+    cfg["training"].update(max_train_steps=2, checkpointing_steps=2, train_batch_size=2)
     proc = run_cli("--config", str(write_config(tmp_path / "ft.yaml", cfg)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [1, 2] and all(np.isfinite(m["total_loss"]) for m in metrics)
+
+
+def test_targets_pick_the_closest_aspect_ratio_and_the_longest_length():
+    from accel_distill.preprocess.buckets import Targets, parse_sizes
+
+    t = Targets.of(parse_sizes("32x48, 48x32,32x32"), [5, 9])
+    assert t.size_for(40, 48) == (32, 32) and t.size_for(50, 70) == (32, 48) and t.size_for(48, 32) == (48, 32)
+    assert t.size_for(1000, 1000) == (32, 32) and t.size_for(24, 20) == (32, 32)
+    assert Targets.of([(64, 64), (32, 32)], [1]).size_for(40, 40) == (32, 32)  # same aspect: the closer area
+    assert (t.frames_for(12), t.frames_for(8), t.frames_for(4)) == (9, 5, None)
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        parse_sizes("32,48")
+
+
+def test_several_sizes_and_lengths_make_buckets(capsys, tmp_path, media, tiny_wan):
+    """Each input goes to the size closest to its aspect ratio and the longest length it has; one bucket
+    per latent shape, each shard's rows grouped by shape."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("clip0.mp4", "clip0.txt", "img0.png", "img0.txt", "img1.png", "img1.txt", "short.mp4", "short.txt"):
+        (root / name).write_bytes((media / name).read_bytes())
+    write_mp4(root / "tall.mp4", 12, width=32, height=48)
+    (root / "tall.txt").write_text("a tall video")
+    out = tmp_path / "out"
+    args = ["videos", "--input", root, "--model", tiny_wan, "--output", out, "--sizes", "32x48,48x32,32x32"]
+    code, stdout, _ = run_main(capsys, *args, "--num-frames", "5,9", "--text-max-length", "16")
+    assert code == 0, stdout
+    shapes = {r["id"]: (r["vae_latent_shape"], r["height"], r["width"], r["num_frames"]) for r in rows_of(out)}
+    assert shapes == {
+        "clip0.mp4": ([16, 2, 4, 4], 32, 32, 5),  # 48x40: closest to square; 8 frames: 5
+        "tall.mp4": ([16, 3, 6, 4], 48, 32, 9),  # 32x48 portrait; 12 frames: 9
+        "img0.png": ([16, 1, 4, 6], 32, 48, 1),  # 70x50 landscape
+        "img1.png": ([16, 1, 4, 4], 32, 32, 1),  # 20x24: closest to square
+    }
+    assert "latent shapes 16x1x4x4: 1, 16x1x4x6: 1, 16x2x4x4: 1, 16x3x6x4: 1" in stdout
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(Path(s["file"]).name, s["reason"]) for s in skipped] == [("short.mp4", "too short")]  # 3 < 5 frames
+    stored = [r["vae_latent_shape"] for r in rows_of(out)]
+    assert stored == sorted(stored)  # grouped by shape inside the shard: row groups hold one bucket
+    stream = LatentStream(str(out), batch_size=1, seed=0, text_max_length=16)
+    assert stream.buckets == [(16, 1, 4, 4), (16, 1, 4, 6), (16, 2, 4, 4), (16, 3, 6, 4)]
+    code, _, err = run_main(capsys, *args, "--height", "32")
+    assert code == 2 and err.strip() == "error: --sizes replaces --height/--width: give one or the other"
 
 
 def test_strict_and_bad_settings_are_one_error_line(capsys, tmp_path, media, tiny_wan, encoded):

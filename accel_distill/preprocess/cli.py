@@ -33,6 +33,24 @@ def _positive(kind):
     return parse
 
 
+def _counts(text: str) -> list[int]:
+    """``"81"`` or ``"81,49,17"`` -> positive ints."""
+    parse = _positive(int)
+    values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,..., got {text!r}")
+    return values
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    from .buckets import parse_sizes
+
+    try:
+        return parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers folder or Hub id of the model (its VAE / text encoder)")
     p.add_argument("--family", default="wan", help="model family (default: wan)")
@@ -77,15 +95,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="videos/images + captions -> parquet shards of latents and text embeddings",
         description="Encode a folder (captions in same-name .txt files) or a CSV/JSONL manifest of videos and "
         "images. Frames are taken from the start of each video at --fps; each frame is resized to cover "
-        "HEIGHTxWIDTH and centre-cropped; an image is a 1-frame clip. Unusable inputs are listed in "
-        "OUTPUT/skipped.jsonl (--strict: an error).",
+        "HEIGHTxWIDTH and centre-cropped; an image is a 1-frame clip. With several --sizes / --num-frames each "
+        "input goes to the size closest to its aspect ratio and the longest length it can supply (one training "
+        "bucket per latent shape). Unusable inputs are listed in OUTPUT/skipped.jsonl (--strict: an error).",
     )
     v.add_argument("--input", required=True, help="a folder, or a .csv / .jsonl manifest (path + caption)")
     _model_args(v)
     _shard_args(v)
-    v.add_argument("--height", type=_positive(int), required=True, help="output height in pixels")
-    v.add_argument("--width", type=_positive(int), required=True, help="output width in pixels")
-    v.add_argument("--num-frames", type=_positive(int), default=81, help="frames per video, 4k+1 for Wan (default 81)")
+    v.add_argument("--height", type=_positive(int), default=None, help="output height in pixels")
+    v.add_argument("--width", type=_positive(int), default=None, help="output width in pixels")
+    v.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="several output sizes HEIGHTxWIDTH,... instead of --height/--width: each input gets the one closest "
+        "to its aspect ratio (e.g. 480x832,832x480,624x624)",
+    )
+    v.add_argument(
+        "--num-frames",
+        type=_counts,
+        default=[81],
+        help="frames per video, 4k+1 for Wan (default 81); several (81,49,17): each video gets the longest it can "
+        "supply",
+    )
     v.add_argument("--fps", type=_positive(float), default=None, help="sampling frame rate (default: each video's own)")
     v.add_argument("--media", choices=["all", "video", "image"], default="all", help="which inputs to encode")
     v.add_argument("--strict", action="store_true", help="any unusable input is an error (exit 2)")
@@ -158,6 +190,10 @@ def _settings(args: argparse.Namespace, digest: str, count: int) -> dict:
     keys = ["command", "model", "family", "revision", "dtype", "text_max_length", "rows_per_shard", "store_dtype"]
     keys += ["height", "width", "num_frames", "fps", "media", "allow_empty_captions"]
     settings = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if settings.get("num_frames") is not None and len(settings["num_frames"]) == 1:
+        settings["num_frames"] = settings["num_frames"][0]  # as recorded before lists were allowed
+    if getattr(args, "sizes", None):
+        settings["sizes"] = ["x".join(map(str, s)) for s in args.sizes]
     return {**settings, "inputs": count, "inputs_digest": digest}
 
 
@@ -204,6 +240,12 @@ def run(args: argparse.Namespace) -> int:
     from .manifest import discover, read_prompts
     from .shards import ShardStore
 
+    if args.command == "videos":  # before any model loads
+        if args.sizes and (args.height or args.width):
+            raise ConfigError("--sizes replaces --height/--width: give one or the other")
+        if not args.sizes and not (args.height and args.width):
+            raise ConfigError("--height and --width (or --sizes HEIGHTxWIDTH,...) are required")
+        sizes = args.sizes or [(args.height, args.width)]
     dist = distributed()
     if args.command in ("negative", "validation") and dist.rank != 0:
         return 0  # one small output: the main process writes it
@@ -237,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
             barrier=dist.barrier,
         )
     else:
-        encoder.check_video_size(args.height, args.width, args.num_frames)
+        for height, width in sizes:
+            for frames in args.num_frames:
+                encoder.check_video_size(height, width, frames)
         items = discover(args.input, media=args.media, allow_empty_captions=args.allow_empty_captions)
         if not items:
             raise ConfigError(f"--input {args.input}: no {'media' if args.media == 'all' else args.media} files found")
@@ -245,9 +289,8 @@ def run(args: argparse.Namespace) -> int:
         store.check_settings(write=dist.rank == 0)
         job = MediaJob(
             output=args.output,
-            height=args.height,
-            width=args.width,
-            num_frames=args.num_frames,
+            sizes=sizes,
+            frame_counts=args.num_frames,
             fps=args.fps,
             rows_per_shard=args.rows_per_shard,
             row_group_size=args.row_group_size,

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from accel_distill.data.stream import shape_name
 from accel_distill.errors import DataError
 from accel_distill.families.base import MediaEncoder
 
+from .buckets import Targets
 from .manifest import Item
 from .media import MISSING_CAPTION, UNSUPPORTED, Clip, MediaError, load_clip, to_model_input
 from .shards import SKIPPED_FILE, ShardStore, num_shards, rank_shards
@@ -31,13 +33,19 @@ from .shards import SKIPPED_FILE, ShardStore, num_shards, rank_shards
 
 @dataclass
 class MediaJob:
-    """Settings of ``preprocess videos`` (see the CLI for their meaning)."""
+    """Settings of ``preprocess videos`` (see the CLI for their meaning).
+
+    One output size (``height``, ``width``, ``num_frames``), or several: ``sizes`` (height, width)
+    and ``frame_counts``, each input going to the one that fits it best (:mod:`.buckets`).
+    """
 
     output: str
-    height: int
-    width: int
-    num_frames: int
+    height: int | None = None
+    width: int | None = None
+    num_frames: int = 81
     fps: float | None = None
+    sizes: Sequence[tuple[int, int]] = ()
+    frame_counts: Sequence[int] = ()
     rows_per_shard: int = 64
     row_group_size: int = 64
     text_max_length: int = 512
@@ -45,6 +53,12 @@ class MediaJob:
     strict: bool = False
     vae_batch_size: int = 1
     decode_workers: int = 2
+
+    def targets(self) -> Targets:
+        sizes = self.sizes or [(self.height, self.width)]
+        if any(h is None or w is None for h, w in sizes):
+            raise ValueError("MediaJob needs height and width, or sizes")
+        return Targets.of(sizes, self.frame_counts or [self.num_frames])
 
 
 @dataclass
@@ -68,6 +82,8 @@ class Report:
             f"({encoded_now} encoded now, {self.shards_done_before} already done); "
             f"skipped {t.get('skipped', 0)} input(s)"
         )
+        if len(t.get("buckets", {})) > 1:
+            line += "; latent shapes " + ", ".join(f"{k}: {n}" for k, n in t["buckets"].items())
         if t.get("skipped"):
             line += f" [{reasons}], listed in {os.path.join(output, SKIPPED_FILE)}"
         if t.get("unfinished_shards"):
@@ -129,6 +145,7 @@ def preprocess_media(
     done = {k for k in range(total) if store.is_done(k)}
     barrier()  # every rank has looked before any rank writes
     report = Report(shards_total=total, shards_done_before=len(done))
+    targets = job.targets()
     todo = [k for k in rank_shards(total, rank, world_size) if k not in done]
     work = [(k, i) for k in todo for i in range(k * job.rows_per_shard, min((k + 1) * job.rows_per_shard, len(items)))]
 
@@ -140,7 +157,7 @@ def preprocess_media(
         if item.media_type is None:
             return MediaError(UNSUPPORTED, Path(item.path).suffix or "(no extension)"), 0.0
         try:
-            clip = load_clip(item.path, height=job.height, width=job.width, num_frames=job.num_frames, fps=job.fps)
+            clip = load_clip(item.path, targets=targets, fps=job.fps)
         except MediaError as e:
             clip = e
         return clip, time.perf_counter() - start
@@ -176,8 +193,11 @@ def preprocess_media(
                 r["text_embedding"] = e.to(job.store_dtype)
         report.seconds["text"] += time.perf_counter() - t
         t = time.perf_counter()
+        # one bucket after the other: row groups hold one latent shape, so the reader's buckets read each once
+        rows.sort(key=lambda r: tuple(r["latent"].shape))
         record = {
             "ids": [r["id"] for r in rows],
+            "buckets": dict(Counter(shape_name(r["latent"].shape) for r in rows)),
             "skipped": skipped,
             "rank": rank,
             "seconds": round(time.perf_counter() - started, 3),

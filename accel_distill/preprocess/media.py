@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .buckets import Targets
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
@@ -119,12 +121,16 @@ def _rate(stream) -> Fraction | None:
     return None
 
 
-def read_video(path: str | Path, num_frames: int, fps: float | None = None) -> tuple[np.ndarray, float]:
+def read_video(
+    path: str | Path, num_frames: int, fps: float | None = None, *, min_frames: int | None = None
+) -> tuple[np.ndarray, float]:
     """``num_frames`` RGB frames ``[F, h, w, 3]`` from the start of a video at ``fps`` (default: the source's).
 
     Returns the frames and the fps they were sampled at; decoding stops as soon as
-    the last needed frame is seen.
+    the last needed frame is seen. With ``min_frames``, a video that ends earlier gives
+    the frames it has, if at least that many (else it is "too short").
     """
+    min_frames = num_frames if min_frames is None else min_frames
     import av
 
     try:
@@ -175,29 +181,44 @@ def read_video(path: str | Path, num_frames: int, fps: float | None = None) -> t
         # the last frame stays on screen for one source frame duration
         while len(out) < num_frames and t0 + len(out) / target < prev_time + frame_dur - eps:
             take_prev()
-        if len(out) < num_frames:
+        if len(out) < min_frames:
             have = len(out)
             raise MediaError(
                 TOO_SHORT,
                 f"{have} frame(s) at {_fmt(target)} fps ({decoded} decoded, {_fmt(prev_time - t0 + frame_dur)} s), "
-                f"need {num_frames}",
+                f"need {min_frames}",
             )
         return np.stack(out), target
     finally:
         container.close()
 
 
-def load_clip(path: str | Path, *, height: int, width: int, num_frames: int, fps: float | None = None) -> Clip:
-    """Decode, sample, resize and crop one input; raises :class:`MediaError` for an unusable file."""
+def load_clip(
+    path: str | Path,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    targets: Targets | None = None,
+) -> Clip:
+    """Decode, sample, resize and crop one input; raises :class:`MediaError` for an unusable file.
+
+    The output size is ``height x width`` and ``num_frames``, or with ``targets`` the listed size and
+    length that fit the input best (:mod:`.buckets`).
+    """
+    targets = targets or Targets.of([(height, width)], [num_frames])
     kind = media_type_of(path)
     if kind is None:
         raise MediaError(UNSUPPORTED, Path(path).suffix or "(no extension)")
     if not Path(path).is_file():
         raise MediaError(NOT_FOUND, str(path))
     if kind == "image":
-        return Clip(resize_center_crop(read_image(path), height, width), "image", None)
-    frames, used_fps = read_video(path, num_frames, fps)
-    return Clip(resize_center_crop(frames, height, width), "video", used_fps)
+        frames = read_image(path)
+        return Clip(resize_center_crop(frames, *targets.size_for(*frames.shape[1:3])), "image", None)
+    frames, used_fps = read_video(path, targets.max_frames, fps, min_frames=targets.min_frames)
+    frames = frames[: targets.frames_for(len(frames))]
+    return Clip(resize_center_crop(frames, *targets.size_for(*frames.shape[1:3])), "video", used_fps)
 
 
 def _describe(e: BaseException) -> str:

@@ -119,7 +119,7 @@ class ShardStore:
     # -- report -----------------------------------------------------------------------
     def merge(self, total: int) -> dict:
         """Rebuild ``skipped.jsonl`` from the records of all ``total`` shards; returns the totals."""
-        rows, missing, skipped = 0, [], []
+        rows, missing, skipped, buckets = 0, [], [], Counter()
         for k in range(total):
             record = self.read_record(k)
             if record is None:
@@ -127,6 +127,7 @@ class ShardStore:
                 continue
             rows += record["rows"]
             skipped += [{**s, "shard": k} for s in record.get("skipped", [])]
+            buckets.update(record.get("buckets", {}))
         text = "".join(json.dumps(s) + "\n" for s in skipped)
         _atomic_write_text(self.root / SKIPPED_FILE, text)
         return {
@@ -135,4 +136,5 @@ class ShardStore:
             "unfinished_shards": missing,
             "skipped": len(skipped),
             "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+            "buckets": dict(sorted(buckets.items())),
         }
