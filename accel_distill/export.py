@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .schedule import FewStepSchedule
+from .schedule import StockSchedule
 
 EXPORT_INFO_FILE = "accel_distill_export.json"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
@@ -60,7 +60,7 @@ def _resolve_source(source: str, keep_scheduler: bool) -> Path:
 
 
 def _model_index(
-    src: Path, modules: dict[str, torch.nn.Module], schedule: FewStepSchedule | None, updates: dict[str, Any]
+    src: Path, modules: dict[str, torch.nn.Module], schedule: StockSchedule | None, updates: dict[str, Any]
 ) -> dict[str, Any]:
     """Source ``model_index.json`` with the student's modules, its (few-step) scheduler and the family's keys."""
     index = json.loads((src / "model_index.json").read_text())
@@ -93,7 +93,7 @@ def pipeline_classes(index: dict[str, Any]) -> dict[str, Any]:
     return {"pipeline_class": index.get("_class_name"), "vae_class": vae[1] if _is_component("vae", vae) else None}
 
 
-def _export_info(schedule: FewStepSchedule | None, source: str, transformer_subfolder: str) -> dict[str, Any]:
+def _export_info(schedule: StockSchedule | None, source: str, transformer_subfolder: str) -> dict[str, Any]:
     if schedule is None:  # a many-step model (finetune): the source's scheduler and sampling apply
         return {"format_version": 1, "source": source, "source_transformer_subfolder": transformer_subfolder}
     n = schedule.num_inference_steps
@@ -121,7 +121,7 @@ def _write(
     tmp: Path,
     modules: dict[str, torch.nn.Module],
     source: str,
-    schedule: FewStepSchedule | None,
+    schedule: StockSchedule | None,
     transformer_subfolder: str,
     updates: dict[str, Any],
 ) -> None:
@@ -181,7 +181,7 @@ def export_student(
     student: torch.nn.Module | Modules,
     source: str,
     out_dir: str | Path,
-    schedule: FewStepSchedule | None,
+    schedule: StockSchedule | None,
     *,
     transformer_subfolder: str = "transformer",
     index_updates: dict[str, Any] | None = None,
@@ -213,7 +213,7 @@ def export_lora(
     student: torch.nn.Module | Modules,
     source: str,
     out_dir: str | Path,
-    schedule: FewStepSchedule | None,
+    schedule: StockSchedule | None,
     *,
     merged: bool = False,
     index_updates: dict[str, Any] | None = None,

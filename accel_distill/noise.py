@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from accel_distill.schedule import FewStepSchedule, fit_few_step_schedule
+from accel_distill.schedule import FewStepSchedule, StockSchedule, fit_few_step_schedule
 
 
 class NoiseSchedule(ABC):
@@ -56,14 +56,18 @@ class NoiseSchedule(ABC):
 
     @classmethod
     @abstractmethod
-    def fit_few_step(cls, steps: Sequence[float], *, key: str, tolerance: float, kind: str) -> FewStepSchedule:
+    def fit_few_step(cls, steps: Sequence[float], *, key: str, tolerance: float, kind: str) -> StockSchedule:
         """A stock scheduler config whose ``set_timesteps(len(steps))`` gives ``steps`` (ConfigError naming ``key``)."""
+
+    @abstractmethod
+    def many_step_schedule(self) -> StockSchedule:
+        """The stock scheduler a many-step (finetuned) model samples with, for ``set_timesteps(n)``."""
 
     @abstractmethod
     def sample(
         self,
         predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        schedule: FewStepSchedule,
+        schedule: StockSchedule,
         latents: torch.Tensor,
         *,
         generator: torch.Generator | None = None,

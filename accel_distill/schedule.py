@@ -8,12 +8,16 @@ its two free parameters, ``shift`` and ``shift_terminal``, express any 1-3
 step list exactly and longer lists approximately. :func:`fit_few_step_schedule`
 finds them and returns the timesteps the scheduler really produces, so that
 training and inference use the very same float values.
+
+:class:`StockSchedule` is what export, validation and the samplers need of any
+such schedule (rectified flow here, DDPM in :mod:`accel_distill.noise`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +38,45 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 SCHEDULER_CLASSES = {"sde": "FlowMatchLCMScheduler", "ode": "FlowMatchEulerDiscreteScheduler"}
 
 
+class StockSchedule(ABC):
+    """What export, validation and the samplers need of a schedule, whatever the noise schedule.
+
+    The timesteps a stock diffusers scheduler visits for ``num_inference_steps``, their noise levels,
+    and how to build that scheduler (its class and config, saved in the export). ``kind`` says how a
+    sample moves between steps ("sde", "ode"). Subclasses are frozen dataclasses with a ``timesteps`` field
+    (validation derives other step counts with ``dataclasses.replace``).
+    """
+
+    timesteps: tuple[float, ...]
+    kind: str
+
+    @property
+    @abstractmethod
+    def scheduler_class(self) -> str:
+        """The diffusers scheduler class the export saves and the stock pipeline loads."""
+
+    @abstractmethod
+    def scheduler_config(self) -> dict[str, Any]:
+        """Keyword arguments for :attr:`scheduler_class`."""
+
+    @property
+    @abstractmethod
+    def sigmas(self) -> tuple[float, ...]:
+        """The noise level (std of the noise in x_t) at each step plus the terminal 0, recorded in the export."""
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+    def make_scheduler(self):
+        """A fresh stock scheduler of :attr:`scheduler_class` built from :meth:`scheduler_config`."""
+        import diffusers
+
+        return getattr(diffusers, self.scheduler_class)(**self.scheduler_config())
+
+
 @dataclass(frozen=True)
-class FewStepSchedule:
+class FewStepSchedule(StockSchedule):
     """Timesteps a flow-matching scheduler ``(shift, shift_terminal)`` produces for ``len(timesteps)`` steps.
 
     ``kind`` "sde" re-noises the predicted x0 between steps (DMD, ``FlowMatchLCMScheduler``);
@@ -51,10 +92,6 @@ class FewStepSchedule:
     def scheduler_class(self) -> str:
         return SCHEDULER_CLASSES[self.kind]
 
-    @property
-    def num_inference_steps(self) -> int:
-        return len(self.timesteps)
-
     def scheduler_config(self) -> dict[str, Any]:
         """Keyword arguments for ``diffusers.FlowMatchLCMScheduler``."""
         return {
@@ -62,12 +99,6 @@ class FewStepSchedule:
             "shift": float(self.shift),
             "shift_terminal": None if self.shift_terminal is None else float(self.shift_terminal),
         }
-
-    def make_scheduler(self):
-        """A fresh stock scheduler of :attr:`scheduler_class` built from :meth:`scheduler_config`."""
-        import diffusers
-
-        return getattr(diffusers, self.scheduler_class)(**self.scheduler_config())
 
     @property
     def sigmas(self) -> tuple[float, ...]:

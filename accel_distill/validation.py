@@ -12,7 +12,8 @@ training never needs the text encoder or the VAE weights because of it.
   ``validate``) through the adapter, so DDP / FSDP / LoRA wrapping is handled.
   A few-step student samples with its own schedule (the stock scheduler of the
   export, with ``set_timesteps(n)`` for other step counts); a many-step student
-  with ``FlowMatchEulerDiscreteScheduler`` and the family's flow shift.
+  with its noise schedule's many-step scheduler (rectified flow:
+  ``FlowMatchEulerDiscreteScheduler`` and the family's flow shift).
   Each prompt has a fixed seed (``training.seed`` and its index), so it gets
   the same noise at every validation and with any number of processes.
 * Prompts are split across processes (padded so every process runs the same
@@ -44,7 +45,7 @@ from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.methods.base import derived_seed
 from accel_distill.prompts import encode_cached, load_embedding_file
-from accel_distill.schedule import FewStepSchedule
+from accel_distill.schedule import StockSchedule
 from accel_distill.trainer.callbacks import Callback
 
 logger = get_logger(__name__)
@@ -172,7 +173,7 @@ class ValidationCallback(Callback):
         role = method.export_role()
         self.role_name = role.name
         self.source = os.path.expanduser(role.source) if looks_local(role.source) else role.source
-        self.schedule: FewStepSchedule | None = method.export_schedule()
+        self.schedule: StockSchedule | None = method.export_schedule()
         default_steps = self.schedule.num_inference_steps if self.schedule is not None else MANY_STEP_DEFAULT
         self.steps = list(t.validation_sampling_steps) or [default_steps]
         self.guidance = list(t.validation_guidance_scale) or [1.0]
@@ -190,10 +191,11 @@ class ValidationCallback(Callback):
             (self.out / "prompts.json").write_text(json.dumps(index, indent=2, ensure_ascii=False))
 
     # --- set-up -------------------------------------------------------------------------
-    def schedule_for(self, num_steps: int) -> FewStepSchedule:
+    def schedule_for(self, num_steps: int) -> StockSchedule:
         """The sampler schedule for ``num_steps``: the student's own, or its scheduler's ``set_timesteps(n)``.
 
-        Many-step students get ``FlowMatchEulerDiscreteScheduler`` with the family's flow shift.
+        Many-step students get their noise schedule's ``many_step_schedule()`` (rectified flow:
+        ``FlowMatchEulerDiscreteScheduler`` with the family's flow shift).
         """
         if self.schedule is not None and num_steps == self.schedule.num_inference_steps:
             return self.schedule
