@@ -54,10 +54,13 @@ class NoiseSchedule(ABC):
         """Move from t to t_next as the exported few-step sampler does ("sde": re-noise x0 with
         ``noise()``'s draw; "ode": a deterministic step)."""
 
-    @classmethod
     @abstractmethod
-    def fit_few_step(cls, steps: Sequence[float], *, key: str, tolerance: float, kind: str) -> StockSchedule:
-        """A stock scheduler config whose ``set_timesteps(len(steps))`` gives ``steps`` (ConfigError naming ``key``)."""
+    def fit_few_step(self, steps: Sequence[float], *, key: str, tolerance: float, kind: str) -> StockSchedule:
+        """A stock scheduler config whose ``set_timesteps(len(steps))`` gives ``steps`` (ConfigError naming ``key``).
+
+        A classmethod where the fit needs nothing of the model (rectified flow); a method of the
+        model's schedule where it does (DDPM: the exported scheduler keeps the model's betas).
+        """
 
     @abstractmethod
     def many_step_schedule(self) -> StockSchedule:

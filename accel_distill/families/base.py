@@ -187,8 +187,12 @@ class Family(ABC):
         return ["transformer"]
 
     @classmethod
-    def few_step_schedule(cls, steps, *, key: str, tolerance: float, kind: str):
-        """The stock scheduler config that samples exactly ``steps`` (the family's noise schedule fits it)."""
+    def few_step_schedule(cls, cfg: RunConfig, steps, *, key: str, tolerance: float, kind: str):
+        """The stock scheduler config that samples exactly ``steps`` (the family's noise schedule fits it).
+
+        A family whose fit depends on the model (a DDPM schedule's stock config carries the betas of the
+        model's own scheduler config) reads it from ``cfg``'s roles.
+        """
         return cls.noise_class.fit_few_step(steps, key=key, tolerance=tolerance, kind=kind)
 
     @classmethod

@@ -28,7 +28,7 @@ from accel_distill.config.validate import check_range, fail
 from accel_distill.families.base import Conditioning, cond_batch_size
 from accel_distill.methods.base import DistillMethod, SampleNoise
 from accel_distill.registry import FAMILIES, register_method
-from accel_distill.schedule import FewStepSchedule
+from accel_distill.schedule import StockSchedule
 
 
 @dataclass
@@ -100,9 +100,10 @@ class DMD2Method(DistillMethod):
         cls.schedule_from(cfg)
 
     @classmethod
-    def schedule_from(cls, cfg: RunConfig) -> FewStepSchedule:
+    def schedule_from(cls, cfg: RunConfig) -> StockSchedule:
         c = cfg.method_config
         return FAMILIES[cfg.recipe.family].few_step_schedule(
+            cfg,
             c.dmd_denoising_steps,
             key=f"{cfg.source}: method_config.dmd_denoising_steps",
             tolerance=c.step_tolerance,
@@ -146,7 +147,7 @@ class DMD2Method(DistillMethod):
     def updating_roles(self, iteration: int) -> list[str]:
         return ["student", "critic"] if self.updates_student(iteration) else ["critic"]
 
-    def export_schedule(self) -> FewStepSchedule:
+    def export_schedule(self) -> StockSchedule:
         return self.schedule
 
     # --- pieces -----------------------------------------------------------------------
