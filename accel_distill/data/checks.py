@@ -19,12 +19,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from accel_distill.errors import DataError
 
-from .reader import check_size, nonfinite_rows, shape_dtype, value_buffers
+from .reader import check_size, has_nonfinite, shape_dtype, value_buffers
 from .schema import (
     ID,
     LATENT,
@@ -143,7 +142,7 @@ def _check_file(
         return p
 
     try:
-        pf = pq.ParquetFile(file.open())
+        pf = file.parquet()
     except Exception as e:
         yield problem(None, None, f"cannot read parquet file: {type(e).__name__}: {e}")
         return
@@ -218,8 +217,7 @@ def _check_row(
                 out.append(f"text embedding width {shape[1]}, the model expects {text_dim}")
         if name == LATENT and latent_channels is not None and shape[0] != latent_channels:
             out.append(f"latent has {shape[0]} channels, the model's VAE has {latent_channels}")
-        t = bytes_to_tensor(buf, shape, cols[d][i])
-        if len(nonfinite_rows(t.reshape(1, -1))):
-            n = int((~torch.isfinite(t)).sum())
+        if has_nonfinite(buf, dtype):
+            n = int((~torch.isfinite(bytes_to_tensor(buf, shape, cols[d][i]))).sum())
             out.append(f"{what} has {n} non-finite values (NaN or inf)")
     return out

@@ -137,8 +137,22 @@ def _arrow_schema(with_latents: bool, metadata_keys: Sequence[str], tensor_names
     return pa.schema(fields)
 
 
-def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_size: int = 64) -> None:
-    """Write samples to one parquet file, ``row_group_size`` rows per row group.
+# Row groups of about this many bytes when the size is "auto": one Wan-size row (a 4-8 MB latent) per group,
+# so ranks that each take a few rows of a global batch read disjoint groups, dozens of image-size rows.
+ROW_GROUP_BYTES = 8 << 20
+MAX_AUTO_ROW_GROUP = 64
+
+
+def auto_row_group_size(samples: list[dict]) -> int:
+    """Rows per group so that a group holds about ``ROW_GROUP_BYTES`` of tensors (1 to 64), from the first sample."""
+    s = samples[0]
+    tensors = [s["text_embedding"], *([s["latent"]] if "latent" in s else []), *s.get("tensors", {}).values()]
+    row = sum(t.numel() * t.element_size() for t in tensors)
+    return max(1, min(MAX_AUTO_ROW_GROUP, ROW_GROUP_BYTES // max(row, 1)))
+
+
+def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_size: int | None = 64) -> None:
+    """Write samples to one parquet file, ``row_group_size`` rows per row group (None: :func:`auto_row_group_size`).
 
     Each sample: ``id`` (str), ``text_embedding`` (Tensor [L, D]), optional
     ``latent`` (Tensor [C, T, H, W]; all samples or none), ``caption`` (str,
@@ -150,6 +164,8 @@ def write_parquet(path: str | os.PathLike, samples: list[dict], *, row_group_siz
     """
     if not samples:
         raise ValueError(f"write_parquet({path}): no samples")
+    if row_group_size is None:
+        row_group_size = auto_row_group_size(samples)
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
     known = {ID, "text_embedding", "latent", CAPTION, "tensors", *METADATA_FIELDS}

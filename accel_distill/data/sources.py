@@ -95,6 +95,13 @@ class DataFile:
         # No read-ahead cache: pyarrow asks for exactly the footer and the column chunks it needs.
         return hub_filesystem().open(self.uri, "rb", block_size=1 << 20, cache_type="none", size=self.size)
 
+    def parquet(self, metadata: Any = None) -> Any:
+        """This file as a ``pyarrow.parquet.ParquetFile``; a local one memory-mapped (row groups read ~2x faster:
+        pyarrow decodes straight from the page cache instead of reading into a buffer first)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.open(), metadata=metadata, memory_map=not self.remote)
+
     def __str__(self) -> str:
         return self.uri
 
@@ -124,7 +131,6 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 def pin_revision(ref: HubRef) -> str:
     """The commit sha of ``ref``'s revision (a branch or tag may move during a run; a commit does not)."""
     from huggingface_hub import HfApi
-
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:

@@ -214,7 +214,7 @@ class LatentStream:
 
     def _scan_file(self, file: DataFile) -> _FileScan:
         try:
-            with pq.ParquetFile(file.open()) as pf:
+            with file.parquet() as pf:
                 meta, schema = pf.metadata, pf.schema_arrow
                 names = schema.names
                 self._check_columns(file, names)

@@ -72,7 +72,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards (re-runs resume)")
     p.add_argument("--rows-per-shard", type=_positive(int), default=64, help="rows per parquet file (default 64)")
-    p.add_argument("--row-group-size", type=_positive(int), default=64, help="rows per parquet row group (default 64)")
+    p.add_argument(
+        "--row-group-size",
+        type=_positive(int),
+        default=None,
+        help="rows per parquet row group (default: as many as hold ~8 MB of tensors, 1 to 64: one Wan-size video "
+        "row, dozens of images; ranks then read disjoint groups)",
+    )
     p.add_argument(
         "--store-dtype",
         choices=STORE_DTYPES,

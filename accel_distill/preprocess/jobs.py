@@ -47,7 +47,7 @@ class MediaJob:
     sizes: Sequence[tuple[int, int]] = ()
     frame_counts: Sequence[int] = ()
     rows_per_shard: int = 64
-    row_group_size: int = 64
+    row_group_size: int | None = None  # None: ~8 MB of tensors per group (write_parquet's auto)
     text_max_length: int = 512
     store_dtype: torch.dtype = torch.float32
     strict: bool = False
@@ -177,10 +177,14 @@ def preprocess_media(
         if not batch:
             return
         t = time.perf_counter()
-        latents = encoder.encode_video(to_model_input(torch.stack([c.frames for _, c in batch])))
+        frames = torch.stack([c.frames for _, c in batch])
+        latents = encoder.encode_video(to_model_input(frames))
+        extra = encoder.encode_conditioning(frames)  # e.g. an image-to-video family's first-frame latent
         report.seconds["vae"] += time.perf_counter() - t
-        for (item, clip), latent in zip(batch, latents):
+        for i, ((item, clip), latent) in enumerate(zip(batch, latents)):
             rows.append(_row(item, clip, latent.to(job.store_dtype)))
+            if extra:
+                rows[-1]["tensors"] = {name: v[i].to(job.store_dtype) for name, v in extra.items()}
         batch.clear()
 
     def finish_shard() -> None:
@@ -257,7 +261,7 @@ def preprocess_prompts(
     rows_per_shard: int,
     text_max_length: int,
     store_dtype: torch.dtype = torch.float32,
-    row_group_size: int = 64,
+    row_group_size: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,

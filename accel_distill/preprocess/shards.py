@@ -101,7 +101,7 @@ class ShardStore:
     def is_done(self, k: int) -> bool:
         return self.read_record(k) is not None
 
-    def write_shard(self, k: int, samples: list[dict], record: dict, *, row_group_size: int) -> None:
+    def write_shard(self, k: int, samples: list[dict], record: dict, *, row_group_size: int | None) -> None:
         """Write shard k's rows (if any) and then its record, each atomically."""
         self.meta.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(f".{shard_name(k)}.tmp-*"):  # left by a killed run

@@ -63,12 +63,12 @@ class LoopbackHub(ThreadingHTTPServer):
         return self.lfs_blobs[value] if isinstance(value, str) else value
 
     def add_dataset(self, repo_id: str, files: dict[str, bytes | Path], *, branch: str = "main", tag: str = "") -> str:
-        """Commit ``files`` (path in repo -> content or a local file) to dataset ``repo_id`` on ``branch``.
+        """Commit ``files`` (path in repo -> content, or a local file served from disk) to dataset ``repo_id``.
 
-        The commit replaces the branch's files; its sha is returned (and ``tag`` names it too).
+        The commit replaces ``branch``'s files; its sha is returned (and ``tag`` names it too).
         """
-        content = {p: (v.read_bytes() if isinstance(v, Path) else bytes(v)) for p, v in files.items()}
-        sha = hashlib.sha1(json.dumps(sorted((p, hashlib.sha1(b).hexdigest()) for p, b in content.items())).encode())
+        content = {p: (v if isinstance(v, Path) else bytes(v)) for p, v in files.items()}
+        sha = hashlib.sha1(json.dumps(sorted((p, _etag(v)) for p, v in content.items())).encode())
         sha = hashlib.sha1((repo_id + branch + sha.hexdigest()).encode()).hexdigest()
         with self.lock:
             repo = self.datasets.setdefault(repo_id, {"refs": {}, "commits": {}})
@@ -113,7 +113,28 @@ def hub_env(server: LoopbackHub, home: str | Path) -> dict[str, str]:
     }
 
 
-def _tree_entries(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict] | None:
+def _etag(value: bytes | Path) -> str:
+    """A content id: the sha1 of bytes, or of a local file's path, size and mtime (never read whole)."""
+    if isinstance(value, Path):
+        st = value.stat()
+        return hashlib.sha1(f"{value.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return hashlib.sha1(value).hexdigest()
+
+
+def _size(value: bytes | Path) -> int:
+    return value.stat().st_size if isinstance(value, Path) else len(value)
+
+
+def _read(value: bytes | Path, start: int, end: int) -> bytes:
+    """Bytes ``[start, end]`` (inclusive) of the content."""
+    if isinstance(value, Path):
+        with open(value, "rb") as f:
+            f.seek(start)
+            return f.read(end - start + 1)
+    return value[start : end + 1]
+
+
+def _tree_entries(files: dict[str, bytes | Path], prefix: str, recursive: bool) -> list[dict] | None:
     """Tree-API entries below ``prefix`` ('' for the root); None when it is not a folder."""
     prefix = prefix.strip("/")
     base = prefix + "/" if prefix else ""
@@ -135,8 +156,8 @@ def _tree_entries(files: dict[str, bytes], prefix: str, recursive: bool) -> list
     return sorted(entries.values(), key=lambda e: e["path"])
 
 
-def _file_entry(path: str, data: bytes) -> dict:
-    return {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": path}
+def _file_entry(path: str, data: bytes | Path) -> dict:
+    return {"type": "file", "oid": _etag(data), "size": _size(data), "path": path}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -241,24 +262,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": "Entry not found"}, body=not head)
             return True
         sha, data = found[0], found[1][file]
+        size = _size(data)
         headers = {
             "Content-Type": "application/octet-stream",
-            "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+            "ETag": f'"{_etag(data)}"',
             "X-Repo-Commit": sha,
             "Accept-Ranges": "bytes",
         }
-        status, part = 200, data
+        status, start, end = 200, 0, size - 1
         rng = self.headers.get("Range")
         if rng:
             start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
             if start_s:
-                start, end = int(start_s), min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
+                start, end = int(start_s), min(int(end_s) if end_s else size - 1, size - 1)
             else:  # a suffix range: the last N bytes
-                start, end = max(0, len(data) - int(end_s)), len(data) - 1
-            status, part = 206, data[start : end + 1]
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                start, end = max(0, size - int(end_s)), size - 1
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        part = b"" if head else _read(data, start, end)
         if head:
-            headers["Content-Length"] = str(len(data))
+            headers["Content-Length"] = str(size)
         else:
             with self.server.lock:
                 self.server.bytes_served += len(part)
@@ -341,3 +364,30 @@ class _Handler(BaseHTTPRequestHandler):
                         srv.committed[value["path"]] = value["oid"]
             return self._reply(200, {"commitUrl": f"{srv.url}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
         return self._unexpected()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m accel_distill.testing.loopback_hub --dataset OWNER/NAME=DIR ...``: serve folders until killed.
+
+    Prints the endpoint URL on the first line (for ``HF_ENDPOINT``); files are served from disk.
+    """
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--dataset", action="append", default=[], help="OWNER/NAME=FOLDER (every file below it)")
+    args = p.parse_args(argv)
+    with serve() as server:
+        for spec in args.dataset:
+            repo, _, folder = spec.partition("=")
+            root = Path(folder)
+            server.add_dataset(
+                repo, {f.relative_to(root).as_posix(): f for f in sorted(root.rglob("*")) if f.is_file()}
+            )
+        print(server.url, flush=True)
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
