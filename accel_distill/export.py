@@ -19,7 +19,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,6 +75,26 @@ def _model_index(
 def lora_file(key: str) -> str:
     """The LoRA file of module ``key``: diffusers' default name for the transformer, one per other expert."""
     return LORA_WEIGHTS_FILE if key == "transformer" else f"pytorch_lora_weights_{key}.safetensors"
+
+
+class LoraFile(NamedTuple):
+    """A LoRA file written next to diffusers' own (a family's layout for other loaders)."""
+
+    module: str  # the module key whose adapter it holds ("transformer", "transformer_2")
+    layout: str  # the key layout, e.g. "original-wan"
+    state: dict[str, torch.Tensor]
+
+
+# {module key: (peft state dict without the adapter name, LoraConfig.to_dict())}
+LoraAdapters = dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+def lora_adapters(student: torch.nn.Module | dict[str, torch.nn.Module]) -> LoraAdapters:
+    """Each module's peft adapter "default": its weights (keys ``<layer>.lora_A.weight``) and config."""
+    from peft.utils import get_peft_model_state_dict
+
+    modules = _as_modules(student)
+    return {k: (get_peft_model_state_dict(m), m.peft_config["default"].to_dict()) for k, m in modules.items()}
 
 
 def source_index(source: str) -> dict[str, Any]:
@@ -218,6 +238,7 @@ def export_lora(
     merged: bool = False,
     index_updates: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
+    extra_files: dict[str, LoraFile] | None = None,
 ) -> Path:
     """Export a LoRA student: its adapter(s) the diffusers way, plus the scheduler.
 
@@ -225,13 +246,19 @@ def export_lora(
     ``pytorch_lora_weights.safetensors``; a second expert's file loads with
     ``weight_name=..., load_into_transformer_2=True``. With a few-step schedule, swap in
     ``scheduler/`` from ``out_dir`` too. ``merged`` additionally writes the adapters fused
-    into a complete pipeline folder at ``out_dir`` (loadable on its own).
+    into a complete pipeline folder at ``out_dir`` (loadable on its own). ``extra_files``
+    (``{file name: LoraFile}``, the family's layouts for other loaders) are written beside
+    them and listed in the export info as ``extra_lora_files``.
     """
     import diffusers
-    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     modules = _as_modules(student)
-    adapters = {k: (get_peft_model_state_dict(m), m.peft_config["default"].to_dict()) for k, m in modules.items()}
+    adapters = lora_adapters(modules)
+    extra_files = extra_files or {}
+    clash = sorted(set(extra_files) & {lora_file(k) for k in modules})
+    if clash:
+        raise ValueError(f"extra LoRA files {clash} would overwrite diffusers' LoRA files")
 
     def write(tmp: Path) -> None:
         classes = pipeline_classes(source_index(source))
@@ -254,7 +281,13 @@ def export_lora(
             pipeline.save_lora_weights(
                 tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata, weight_name=files[key]
             )
-        _add_info(tmp, {"adapter": "lora", "merged": merged, "lora_files": files, **(info or {})})
+        extra = {}
+        for name, f in extra_files.items():
+            save_file(f.state, tmp / name, metadata={"format": "pt", "layout": f.layout, "module": f.module})
+            extra[name] = {"module": f.module, "layout": f.layout}
+        _add_info(
+            tmp, {"adapter": "lora", "merged": merged, "lora_files": files, "extra_lora_files": extra, **(info or {})}
+        )
 
     return _publish(out_dir, source, write)
 

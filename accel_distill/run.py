@@ -13,7 +13,7 @@ from accel_distill.checkpoint import CheckpointManager, completed_checkpoints, f
 from accel_distill.config import RunConfig, resolved_dict
 from accel_distill.distributed import gather_full_model
 from accel_distill.ema import EMACallback
-from accel_distill.export import export_lora, export_student, source_index
+from accel_distill.export import export_lora, export_student, lora_adapters, source_index
 from accel_distill.trainer import Callback, Trainer, TrainerState
 
 logger = get_logger(__name__)
@@ -98,7 +98,10 @@ def export(cfg: RunConfig, rt: Runtime, ema: EMACallback | None = None) -> Path:
         schedule = rt.method.export_schedule()
         if role.lora is not None:
             merged = role.lora.export_merged
-            export_lora(full, role.source, out, schedule, merged=merged, index_updates=updates, info=info)
+            extra = rt.family.extra_lora_files(lora_adapters(full))  # e.g. Wan's original / ComfyUI layout
+            export_lora(
+                full, role.source, out, schedule, merged=merged, index_updates=updates, info=info, extra_files=extra
+            )
         else:
             export_student(full, role.source, out, schedule, index_updates=updates, info=info)
     acc.wait_for_everyone()

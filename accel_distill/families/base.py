@@ -16,6 +16,7 @@ import torch
 
 from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.errors import ConfigError
+from accel_distill.export import LoraAdapters, LoraFile
 from accel_distill.noise import NoiseSchedule
 from accel_distill.roles import RoleHandle
 
@@ -213,6 +214,11 @@ class Family(ABC):
     # --- the stock pipeline -----------------------------------------------------------
     def export_index_updates(self, modules: dict[str, torch.nn.Module], index: dict) -> dict:
         """Keys of the source's ``model_index.json`` the export changes besides the trained modules."""
+        return {}
+
+    def extra_lora_files(self, adapters: LoraAdapters) -> dict[str, LoraFile]:
+        """LoRA files the export writes besides diffusers' (``{file name: LoraFile}``), e.g. the
+        key layout other loaders of this family read; ``adapters``: each exported module's adapter."""
         return {}
 
     def load_vae(self, source: str):

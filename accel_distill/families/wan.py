@@ -19,10 +19,12 @@ import torch
 from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
+from accel_distill.export import LoraAdapters, LoraFile
 from accel_distill.families.base import Family, ModelAdapter
+from accel_distill.families.wan_lora import LAYOUT, lora_file_names, to_original_wan, unnamed_targets
 from accel_distill.noise import RectifiedFlow
 from accel_distill.precision import half_dtype_for
-from accel_distill.registry import register_family
+from accel_distill.registry import METHODS, register_family
 
 
 @lru_cache(maxsize=16)
@@ -246,6 +248,15 @@ class WanFamily(Family):
         if len(set(experts.values())) > 1:
             detail = ", ".join(f"{r}: {n}" for r, n in experts.items())
             fail(cfg.source, "roles", f"every role must have the same number of experts ({detail})")
+        product = METHODS[cfg.recipe.method].product_role
+        lora = cfg.roles[product].lora if product in cfg.roles else None
+        for target, layer in unnamed_targets(lora.target_modules) if lora is not None else []:
+            # the exported adapter is also written in the original-Wan layout, which has no name for it
+            fail(
+                cfg.source,
+                f"roles.{product}.lora.target_modules",
+                f"{target!r} selects {layer}, which has no original-Wan / ComfyUI LoRA name",
+            )
         ratio = cfg.pipeline_config.boundary_ratio
         if ratio is not None and not 0.0 < ratio < 1.0:
             fail(cfg.source, "pipeline_config.boundary_ratio", f"must be in (0, 1), got {ratio}")
@@ -336,6 +347,14 @@ class WanFamily(Family):
         if "transformer_2" in index:  # a single-transformer student of a two-expert source
             return {"transformer_2": [None, None], "boundary_ratio": None}
         return {}
+
+    def extra_lora_files(self, adapters: LoraAdapters) -> dict[str, LoraFile]:
+        """The adapter(s) in the original-Wan / ComfyUI layout: ``wan_lora.safetensors``, or a
+        high-noise (``transformer``) and a low-noise (``transformer_2``) file for two experts."""
+        names = lora_file_names(list(adapters))
+        return {
+            names[k]: LoraFile(k, LAYOUT, to_original_wan(state, config)) for k, (state, config) in adapters.items()
+        }
 
     @classmethod
     def media_encoder(
