@@ -70,12 +70,17 @@ def apply_speed_switches(cfg: RunConfig, role: str, module: torch.nn.Module) -> 
     rc, t = cfg.roles[role], cfg.training
     backend = rc.attention_backend or t.attention_backend
     if backend is not None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+        default = registry._active_backend  # set_attention_backend also makes it every other model's default
         try:
             module.set_attention_backend(backend)
         except (RuntimeError, ValueError, ImportError) as e:
             raise ConfigError(
                 f"{cfg.source}: roles.{role}.attention_backend: {backend!r} cannot be set ({str(e).splitlines()[0]})"
             ) from None
+        finally:  # this module's processors hold their backend; roles left unset keep diffusers' default
+            registry.set_active_backend(default)
     if rc.compile if rc.compile is not None else t.compile:
         module.compile_repeated_blocks()
 

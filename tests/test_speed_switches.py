@@ -29,6 +29,10 @@ def test_global_switches_with_a_per_role_override(tmp_path, tiny_wan, tiny_teach
     assert {b.value for b in backends(teacher)} == {"native"}
     assert all(compiled_blocks(student)) and all(compiled_blocks(critic)) and len(compiled_blocks(student)) > 0
     assert not any(compiled_blocks(teacher))
+    # a role's backend is its own: the default of every other model stays diffusers' (native)
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    assert _AttentionBackendRegistry.get_active_backend()[0].value == "native"
 
 
 def test_unset_switches_leave_the_models_as_loaded(tmp_path, tiny_wan, tiny_teacher, latent_data):
