@@ -804,7 +804,8 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
     """Every config in configs/ passes strict validation from the repository root (where its relative
     paths, e.g. the committed models/digits-wan, resolve), its data path pointed at a real folder.
     Role folders a build step creates first (digits: outputs/digits_build/base) stand in as a tiny model;
-    Hub ids resolve from an offline Hub cache holding a tiny model's configs (two experts for A14B)."""
+    Hub ids resolve from an offline Hub cache holding a tiny model's configs of the same layout (two experts
+    for A14B, Wan2.1 I2V's 36 channels + image encoder, Wan2.2 TI2V's expand_timesteps)."""
     import huggingface_hub.constants
 
     from accel_distill.families.wan import component_config, model_index
@@ -819,7 +820,12 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
             overrides.append(f"roles.{role}.path={tiny_wan}")
         elif rc["path"].startswith("Wan-AI/") and rc["path"] not in hub:
             two = "A14B" in rc["path"]
-            hub[rc["path"]] = build_tiny_wan(tmp_path / "two-experts", boundary_ratio=0.875) if two else tiny_wan
+            variant = "ti2v" if "TI2V" in rc["path"] else "i2v" if "I2V" in rc["path"] else "t2v"
+            if variant == "t2v" and not two:
+                hub[rc["path"]] = tiny_wan
+            else:  # the model's layout: two experts (A14B), image-to-video (I2V: 36 channels + CLIP; TI2V-5B)
+                folder = tmp_path / f"{variant}{'-two-experts' if two else ''}"
+                hub[rc["path"]] = build_tiny_wan(folder, variant=variant, boundary_ratio=0.875 if two else None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hub_cache(tmp_path / "hub", hub)))
     model_index.cache_clear()

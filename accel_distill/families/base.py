@@ -158,6 +158,10 @@ class MediaEncoder(Protocol):
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, F, H, W]`` in [-1, 1] -> un-normalised latents, on CPU."""
 
+    def encode_conditioning(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 frames ``[B, F, H, W, 3]`` -> the family's per-row conditioning tensors ``{name: [B, ...]}``
+        besides the latent (the columns its ``extra_tensor_columns`` reads; ``{}`` for text-to-video), on CPU."""
+
     def encode_text(self, prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:
         """One ``[L_i, D]`` embedding per prompt (real tokens, at least one row), on CPU."""
 

@@ -121,6 +121,11 @@ class WanEncoder:
         x = pixels.to(self.device, self.dtype)
         return self.vae.encode(x).latent_dist.mode().cpu()
 
+    def encode_conditioning(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-clip conditioning tensors besides the latent, from uint8 frames ``[B, F, H, W, 3]``: none for
+        text-to-video (image-to-video families store the first frame's latent, image embeddings)."""
+        return {}
+
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:
         """One ``[L_i, D]`` embedding per prompt: the real tokens (at least one row), on CPU."""
@@ -151,7 +156,12 @@ class WanEncoder:
 
 
 class WanAdapter(ModelAdapter):
-    """Wan over rectified flow, with the VAE's per-channel latent normalisation."""
+    """Wan over rectified flow, with the VAE's per-channel latent normalisation.
+
+    ``expand_timesteps`` (Wan2.2 TI2V-5B's ``model_index.json``): the transformer takes one timestep per
+    latent token, ``t`` where :meth:`token_mask` is 1 and 0 where it is 0 (all ones for text-to-video), as
+    the stock pipelines pass it; ``patch_size`` is the transformer's.
+    """
 
     def __init__(
         self,
@@ -161,8 +171,12 @@ class WanAdapter(ModelAdapter):
         latents_std: list[float],
         *,
         boundary_timestep: float | None = None,
+        expand_timesteps: bool = False,
+        patch_size: Sequence[int] = (1, 2, 2),
     ):
         super().__init__(noise, latent_channels, boundary_timestep=boundary_timestep)
+        self.expand_timesteps = expand_timesteps
+        self.patch_size = tuple(int(p) for p in patch_size)
         self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -183,12 +197,42 @@ class WanAdapter(ModelAdapter):
         return x.float() * std + mean
 
     def _forward(self, module, dtype, x_t, t, cond) -> torch.Tensor:
-        return module(
-            hidden_states=x_t.to(dtype),
-            timestep=t.to(torch.float32),
-            encoder_hidden_states=cond["text"].to(dtype),
-            return_dict=False,
-        )[0]
+        return module(**self.model_inputs(dtype, x_t, t, cond), return_dict=False)[0]
+
+    def model_inputs(self, dtype: torch.dtype, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> dict:
+        """The transformer's keyword arguments, built as the stock pipeline builds them."""
+        return {
+            "hidden_states": x_t.to(dtype),
+            "timestep": self.model_timesteps(x_t, t),
+            "encoder_hidden_states": cond["text"].to(dtype),
+        }
+
+    def model_timesteps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t`` [B] (float32), or with ``expand_timesteps`` one per token ``[B, T * H/p * W/p]``."""
+        t = t.to(torch.float32)
+        if not self.expand_timesteps:
+            return t
+        _, ph, pw = self.patch_size
+        mask = self.token_mask(x_t)[0, 0, :, ::ph, ::pw]  # WanPipeline: (mask[0][0][:, ::2, ::2] * t).flatten()
+        return (mask * t.view(-1, 1, 1, 1)).flatten(1)
+
+    def token_mask(self, x_t: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, T, H, W]`` float32: 1 where the latent is denoised (everywhere for text-to-video)."""
+        return torch.ones((1, 1, *x_t.shape[2:]), dtype=torch.float32, device=x_t.device)
+
+
+def role_source(rc: RoleConfig) -> str:
+    """A role's model as ``from_pretrained`` takes it: a local folder (``~`` expanded) or a Hub id."""
+    return os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
+
+
+def role_transformer_config(cfg: RunConfig, role: str) -> dict:
+    """The config of ``role``'s transformer (its ``subfolder``); unreadable is a ConfigError naming the role."""
+    rc = cfg.roles[role]
+    try:
+        return component_config(role_source(rc), rc.subfolder)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source}: roles.{role}.path: {e}") from None
 
 
 @lru_cache(maxsize=16)
@@ -225,6 +269,7 @@ class WanFamily(Family):
 
     noise_class = RectifiedFlow
     vae_class = "AutoencoderKLWan"
+    adapter_class: type[WanAdapter] = WanAdapter
 
     @classmethod
     def module_keys(cls, cfg: RunConfig, role: str) -> list[str]:
@@ -242,6 +287,7 @@ class WanFamily(Family):
             if looks_local(rc.path) and not os.path.isdir(os.path.join(os.path.expanduser(rc.path), rc.subfolder)):
                 fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
             keys = cls.module_keys(cfg, role)
+            cls.check_model(cfg, role, rc)
             experts[role] = len(keys)
             if len(keys) == 2:
                 cls._check_experts(cfg, role, rc)
@@ -262,6 +308,18 @@ class WanFamily(Family):
             fail(cfg.source, "pipeline_config.boundary_ratio", f"must be in (0, 1), got {ratio}")
         if ratio is not None and max(experts.values(), default=1) == 1:
             fail(cfg.source, "pipeline_config.boundary_ratio", "set, but no role has two experts (transformer_2)")
+
+    @classmethod
+    def check_model(cls, cfg: RunConfig, role: str, rc: RoleConfig) -> None:
+        """The role's model is one this family drives: here a text-to-video Wan (input channels = latent's)."""
+        t = role_transformer_config(cfg, role)
+        if t["in_channels"] != t["out_channels"]:
+            fail(
+                cfg.source,
+                f"roles.{role}.path",
+                f"{rc.path} is an image-to-video model ({t['in_channels']} input channels for a "
+                f"{t['out_channels']}-channel latent): use recipe.family wan_i2v",
+            )
 
     @classmethod
     def _check_experts(cls, cfg: RunConfig, role: str, rc: RoleConfig) -> None:
@@ -328,17 +386,23 @@ class WanFamily(Family):
         return index.get("boundary_ratio") if has_second_expert(index) else None
 
     def make_adapter(self, role: str) -> WanAdapter:
+        return self.adapter_class(**self.adapter_kwargs(role))
+
+    def adapter_kwargs(self, role: str) -> dict:
+        """:attr:`adapter_class`'s arguments for ``role``'s model, from its configs (no weights)."""
         rc = self.cfg.roles[role]
-        source = os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
+        source = role_source(rc)
         vae = component_config(source, "vae")
         transformer = component_config(source, rc.subfolder)
         ratio = self.boundary_ratio(source)
-        return WanAdapter(
-            RectifiedFlow(self.flow_shift(source)),
-            latent_channels=int(transformer["in_channels"]),
+        return dict(
+            noise=RectifiedFlow(self.flow_shift(source)),
+            latent_channels=int(transformer["out_channels"]),  # the latent's (I2V models take more input channels)
             latents_mean=vae["latents_mean"],
             latents_std=vae["latents_std"],
             boundary_timestep=None if ratio is None else ratio * RectifiedFlow.num_train_timesteps,
+            expand_timesteps=bool((model_index(source) or {}).get("expand_timesteps")),
+            patch_size=transformer.get("patch_size") or (1, 2, 2),
         )
 
     def export_index_updates(self, modules: dict[str, torch.nn.Module], index: dict) -> dict:
