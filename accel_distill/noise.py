@@ -1,5 +1,6 @@
 """Noise schedules: how clean latents, noise and a network's prediction relate at a timestep.
 
+Two schedules: :class:`RectifiedFlow` (Wan) and :class:`DDPMVPrediction` (CogVideoX).
 Methods speak clean latents (x0) and noise; a schedule translates to what the
 network predicts (its *native* prediction: the flow for rectified-flow models,
 v or eps for DDPM models), moves a sample from one timestep to the next the way
@@ -14,7 +15,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from accel_distill.schedule import FewStepSchedule, StockSchedule, fit_few_step_schedule
+from accel_distill.errors import ConfigError
+from accel_distill.schedule import (
+    DDIM_SCHEDULER,
+    DDIMSchedule,
+    FewStepSchedule,
+    StockSchedule,
+    fit_ddim_schedule,
+    fit_few_step_schedule,
+)
 
 
 class NoiseSchedule(ABC):
@@ -133,3 +142,85 @@ class RectifiedFlow(NoiseSchedule):
     def many_step_schedule(self) -> FewStepSchedule:
         """The base schedule a many-step (finetuned) model samples with: Euler at this shift."""
         return FewStepSchedule((), shift=self.shift, shift_terminal=None, kind="ode")
+
+
+class DDPMVPrediction(NoiseSchedule):
+    """DDPM with v-prediction (CogVideoX): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, v = sqrt(a_t) noise - sqrt(1 - a_t) x0.
+
+    ``a_t`` is ``alphas_cumprod[t]`` of the model's own scheduler config, computed by the stock
+    scheduler itself (CogVideoX: scaled-linear betas, SNR shift, zero terminal SNR, so x_999 is pure
+    noise). Timesteps are the integers 0 .. T-1; a fractional ``t`` uses ``floor(t)``'s alpha.
+    Few-step students sample with deterministic DDIM steps (:class:`~accel_distill.schedule.DDIMSchedule`).
+    """
+
+    prediction = "v"
+
+    def __init__(self, scheduler_config: dict):
+        import diffusers
+
+        sched = getattr(diffusers, DDIM_SCHEDULER).from_config(scheduler_config)
+        self.config = {k: v for k, v in sched.config.items() if not k.startswith("_")}
+        if self.config.get("prediction_type") != "v_prediction":
+            raise ValueError(
+                f"DDPMVPrediction needs prediction_type v_prediction, got {self.config.get('prediction_type')!r}"
+            )
+        self.num_train_timesteps = int(self.config["num_train_timesteps"])
+        alphas = sched.alphas_cumprod.to(torch.float64)
+        # sqrt(a), sqrt(1 - a) in float64, then float32 for the training math
+        self._table = torch.stack([alphas**0.5, (1 - alphas) ** 0.5], dim=1).float()
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(a_t), sqrt(1 - a_t)) of per-sample timesteps ``t`` [B], shaped to broadcast over ``like``."""
+        device = like.device
+        if device not in self._on_device:  # copied once: a host-to-device copy per step would sync
+            self._on_device[device] = self._table.to(device)
+        index = t.to(device).floor().long().clamp(0, self.num_train_timesteps - 1)
+        c = self._on_device[device][index].view(-1, 2, *([1] * (like.dim() - 1)))
+        return c[:, 0], c[:, 1]
+
+    def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        return (u * self.num_train_timesteps).floor().clamp(0, self.num_train_timesteps - 1)
+
+    def add_noise(self, x0, noise, t):
+        a, s = self.coefficients(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        a, s = self.coefficients(t, x0)
+        return a * noise - s * x0
+
+    def to_x0(self, pred, x_t, t):
+        a, s = self.coefficients(t, x_t)
+        return a * x_t - s * pred
+
+    def to_noise(self, pred, x_t, t):
+        a, s = self.coefficients(t, x_t)
+        return s * x_t + a * pred
+
+    def from_x0(self, x0, x_t, t):
+        a, s = self.coefficients(t, x_t)
+        return (a * x_t - x0) / s.clamp_min(1e-8)
+
+    def step(self, x_t, pred, t, t_next, noise, kind: str) -> torch.Tensor:
+        """A deterministic DDIM step to ``t_next`` (CogVideoXDDIMScheduler's, in float32)."""
+        if kind != "ode":
+            raise ValueError(f"DDPMVPrediction steps deterministically (DDIM, kind 'ode'), not {kind!r}")
+        a, s = self.coefficients(t, x_t)
+        a_next, s_next = self.coefficients(t_next, x_t)
+        x0 = a * x_t - s * pred
+        ratio = s_next / s
+        return ratio * x_t + (a_next - a * ratio) * x0
+
+    def fit_few_step(self, steps, *, key: str, tolerance: float, kind: str) -> StockSchedule:
+        if kind != "ode":
+            raise ConfigError(f"{key}: sampler kind {kind!r}: this model's few-step sampler is DDIM ('ode')")
+        return fit_ddim_schedule(steps, self.config, key=key, tolerance=tolerance)
+
+    def many_step_schedule(self) -> StockSchedule:
+        return DDIMSchedule((), config=dict(self.config))
+
+    def sample(self, predict, schedule: StockSchedule, latents, *, generator=None) -> torch.Tensor:
+        from accel_distill.sampling import ddim_sample
+
+        return ddim_sample(predict, schedule, latents)

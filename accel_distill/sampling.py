@@ -7,6 +7,9 @@ The arithmetic, dtypes and random draws copy ``FlowMatchLCMScheduler.step`` /
 ``FlowMatchEulerDiscreteScheduler.step`` as the stock pipelines call them, so with
 the same seeds this sampler and the stock pipeline loading an exported student
 give identical latents.
+
+DDPM models (CogVideoX) sample with :func:`ddim_sample`, a copy of
+``CogVideoXDDIMScheduler.step`` as ``CogVideoXPipeline`` calls it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedule import FewStepSchedule
+from .schedule import FewStepSchedule, StockSchedule
 
 
 def few_step_sample(
@@ -34,14 +37,8 @@ def few_step_sample(
     from the global torch RNG exactly as the stock pipeline draws it. The result has the
     model output's dtype.
     """
-    scheduler = schedule.make_scheduler()
-    scheduler.set_timesteps(schedule.num_inference_steps, device=latents.device)
+    scheduler = stock_scheduler(schedule, latents.device)
     timesteps, sigmas = scheduler.timesteps, scheduler.sigmas  # float32, as the pipeline sees them
-    if tuple(timesteps.tolist()) != tuple(schedule.timesteps):
-        raise ValueError(
-            f"schedule.timesteps {list(schedule.timesteps)} differ from what its scheduler config "
-            f"produces {timesteps.tolist()}; build schedules with fit_few_step_schedule"
-        )
 
     x = latents
     for i, t in enumerate(timesteps):
@@ -56,4 +53,44 @@ def few_step_sample(
         # Drawn even at the last step (sigma_next = 0) to keep the RNG stream identical.
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x = ((1 - sigma_next) * x0 + sigma_next * noise).to(v.dtype)
+    return x
+
+
+def stock_scheduler(schedule: StockSchedule, device: torch.device):
+    """``schedule``'s stock scheduler after ``set_timesteps``, checked to visit ``schedule.timesteps``."""
+    scheduler = schedule.make_scheduler()
+    scheduler.set_timesteps(schedule.num_inference_steps, device=device)
+    if tuple(float(t) for t in scheduler.timesteps.tolist()) != tuple(schedule.timesteps):
+        raise ValueError(
+            f"schedule.timesteps {list(schedule.timesteps)} differ from what its scheduler config "
+            f"produces {scheduler.timesteps.tolist()}; build schedules with fit_few_step_schedule (rectified flow) "
+            "or the noise schedule's fit_few_step"
+        )
+    return scheduler
+
+
+def ddim_sample(
+    predict_v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: StockSchedule, latents: torch.Tensor
+) -> torch.Tensor:
+    """Denoise ``latents`` (pure noise) with ``schedule``'s ``CogVideoXDDIMScheduler`` as ``CogVideoXPipeline`` does.
+
+    ``predict_v(x, t)`` returns the v prediction at the scheduler's integer timesteps ``t`` [B].
+    The arithmetic copies ``CogVideoXDDIMScheduler.step`` (its float64 ``alphas_cumprod``, the step
+    from ``t`` to ``t - T // n``, the clean end's ``final_alpha_cumprod``) and the pipeline's casts
+    (the prediction to float32, the sample back to the latents' dtype after each step), so the
+    stock pipeline loading the export gives identical latents. Deterministic: no noise is drawn.
+    """
+    scheduler = stock_scheduler(schedule, latents.device)
+    alphas, stride = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps // schedule.num_inference_steps
+    x = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        v = predict_v(x, t.expand(x.shape[0])).float()
+        prev = t - stride
+        alpha_prod_t = alphas[t]
+        alpha_prod_t_prev = alphas[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * v
+        a_t = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) ** 0.5
+        b_t = alpha_prod_t_prev**0.5 - alpha_prod_t**0.5 * a_t
+        x = (a_t * x + b_t * x0).to(latents.dtype)
     return x

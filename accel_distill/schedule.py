@@ -211,3 +211,95 @@ def fit_few_step_schedule(
             f"(max error {error:.1f}); choose timesteps closer to that list"
         )
     return FewStepSchedule(timesteps=tuple(produced), shift=shift, shift_terminal=shift_terminal, kind=kind)
+
+
+# --- DDPM models (CogVideoX): deterministic DDIM steps of the model's own scheduler -------------------
+
+DDIM_SCHEDULER = "CogVideoXDDIMScheduler"  # whose step arithmetic accel_distill.sampling.ddim_sample copies
+
+
+@dataclass(frozen=True)
+class DDIMSchedule(StockSchedule):
+    """Timesteps ``CogVideoXDDIMScheduler`` visits for ``len(timesteps)`` steps with ``config``.
+
+    ``config`` is the model's own scheduler config (its betas, SNR shift, zero-terminal-SNR
+    rescaling: the alphas it trained with) with the spacing (``timestep_spacing``,
+    ``steps_offset``) that produces ``timesteps``. Steps are deterministic DDIM ("ode").
+    """
+
+    timesteps: tuple[float, ...]
+    config: dict[str, Any]
+    kind: str = "ode"
+
+    @property
+    def scheduler_class(self) -> str:
+        return DDIM_SCHEDULER
+
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @property
+    def sigmas(self) -> tuple[float, ...]:
+        """``sqrt(1 - alphas_cumprod)`` at each timestep, then where the last step lands (0: the clean end)."""
+        sched = self.make_scheduler()
+        alphas = sched.alphas_cumprod
+        last = int(self.timesteps[-1]) - sched.config.num_train_timesteps // max(self.num_inference_steps, 1)
+        end = alphas[last] if last >= 0 else sched.final_alpha_cumprod
+        return tuple(float((1 - alphas[int(t)]) ** 0.5) for t in self.timesteps) + (float((1 - end) ** 0.5),)
+
+
+def _ddim_produced(config: dict[str, Any], n: int) -> list[float]:
+    sched = DDIMSchedule((), config).make_scheduler()
+    sched.set_timesteps(n)
+    return [float(t) for t in sched.timesteps.tolist()]
+
+
+def fit_ddim_schedule(
+    steps: Sequence[float],
+    model_config: dict[str, Any],
+    *,
+    key: str = "method_config.dmd_denoising_steps",
+    tolerance: float = 1.0,
+) -> DDIMSchedule:
+    """The DDIM scheduler config (the model's, re-spaced) whose ``set_timesteps(len(steps))`` gives ``steps``.
+
+    ``CogVideoXDDIMScheduler`` steps from ``t`` to ``t - T // n`` whatever its next timestep is, and
+    ends on the clean sample only when the last step lands below 0. Only lists where both hold
+    train as they sample: "trailing" spacing where it has them (999, 749, 499, 249 for 4 steps), else
+    "leading" with ``steps_offset`` below ``T // n`` (``offset + k * (T // n)``). The closest such
+    list within ``tolerance`` wins (ties: trailing); else a :class:`ConfigError` naming ``key``.
+    The config keeps ``set_alpha_to_one`` true, so the last step returns the predicted x0.
+    """
+    wanted = _validate(steps, key)
+    n = len(wanted)
+    base = {**model_config, "set_alpha_to_one": True}
+    total = int(base["num_train_timesteps"])
+    stride = total // n
+
+    def lands(ts: list[float]) -> bool:  # every step lands on the next timestep, the last one below 0
+        return all(a - stride == b for a, b in zip(ts, ts[1:] + [ts[-1] - stride])) and ts[-1] - stride < 0
+
+    trailing = {**base, "timestep_spacing": "trailing", "steps_offset": 0}
+    candidates = [(trailing, _ddim_produced(trailing, n))]
+    # leading: [offset + (n-1-i) * stride]; the offset minimising the max error, in [0, stride)
+    top = min(stride - 1, total - 1 - (n - 1) * stride)
+    if top >= 0:
+        gaps = [w - (n - 1 - i) * stride for i, w in enumerate(wanted)]
+        offset = min(max(round((min(gaps) + max(gaps)) / 2), 0), top)
+        leading = {**base, "timestep_spacing": "leading", "steps_offset": offset}
+        candidates.append((leading, [float(offset + (n - 1 - i) * stride) for i in range(n)]))
+    usable = [(c, ts) for c, ts in candidates if lands(ts)]
+    best = min(usable, key=lambda c: _max_error(c[1], wanted), default=None)
+    error = math.inf if best is None else _max_error(best[1], wanted)
+    if best is None or error > tolerance:
+        closest = "none" if best is None else str(best[1])
+        raise ConfigError(
+            f"{key}: {n} timesteps {[round(w, 1) for w in wanted]} cannot be produced by stock {DDIM_SCHEDULER} "
+            f"within {tolerance:g} (its steps go from t to t - {stride}); closest expressible is {closest} "
+            f"(max error {error:.1f}); choose timesteps closer to that list"
+        )
+    config, _ = best
+    produced = _ddim_produced(config, n)  # verified on the real scheduler
+    if produced != best[1]:
+        raise AssertionError(f"{DDIM_SCHEDULER} gave {produced}, expected {best[1]}")
+    return DDIMSchedule(timesteps=tuple(produced), config=config)
