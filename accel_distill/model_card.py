@@ -119,24 +119,33 @@ def card_tags(info: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))
 
 
+def _call_args(pipeline_class: str, steps: int | None, guidance: float | None) -> tuple[str, str]:
+    """(extra lines before the call, the call's arguments): an image-to-video pipeline also takes the image."""
+    before, args = "", '"A cat walks on the grass, realistic"'
+    if "ImageToVideo" in pipeline_class:
+        before = 'image = load_image("first_frame.png")  # the video starts from this image\n'
+        args = "image=image, prompt=" + args
+    if steps is not None:
+        args += f", num_inference_steps={steps}"
+    if guidance is not None:
+        args += f", guidance_scale={guidance}"
+    return before, args
+
+
 def _usage_full(
     repo_id: str, pipeline_class: str, steps: int | None, guidance: float | None, vae_class: str | None = None
 ) -> str:
-    call_args = '"A cat walks on the grass, realistic"'
-    if steps is not None:
-        call_args += f", num_inference_steps={steps}"
-    if guidance is not None:
-        call_args += f", guidance_scale={guidance}"
+    image_line, call_args = _call_args(pipeline_class, steps, guidance)
     vae_imports, vae_line, vae_arg = _vae_lines(vae_class, "repo_id")
     imports = ", ".join(sorted({pipeline_class, *vae_imports}))
     return f"""```python
 import torch
 from diffusers import {imports}
-from diffusers.utils import export_to_video
+from diffusers.utils import export_to_video{", load_image" if image_line else ""}
 
 repo_id = "{repo_id}"
 {vae_line}pipe = {pipeline_class}.from_pretrained(repo_id, {vae_arg}torch_dtype=torch.bfloat16).to("cuda")
-video = pipe({call_args}).frames[0]
+{image_line}video = pipe({call_args}).frames[0]
 export_to_video(video, "output.mp4", fps=16)
 ```"""
 
@@ -150,11 +159,7 @@ def _usage_lora(
     guidance: float | None,
     vae_class: str | None = None,
 ) -> str:
-    call_args = '"A cat walks on the grass, realistic"'
-    if steps is not None:
-        call_args += f", num_inference_steps={steps}"
-    if guidance is not None:
-        call_args += f", guidance_scale={guidance}"
+    image_line, call_args = _call_args(pipeline_class, steps, guidance)
     vae_imports, vae_line, vae_arg = _vae_lines(vae_class, "base_model")
     imports = ", ".join(sorted({pipeline_class, *vae_imports, *([scheduler_class] if scheduler_class else [])}))
     swap = ""
@@ -166,14 +171,14 @@ def _usage_lora(
     return f"""```python
 import torch
 from diffusers import {imports}
-from diffusers.utils import export_to_video
+from diffusers.utils import export_to_video{", load_image" if image_line else ""}
 
 base_model = "{base}"
 repo_id = "{repo_id}"
 {vae_line}pipe = {pipeline_class}.from_pretrained(base_model, {vae_arg}torch_dtype=torch.bfloat16)
 pipe.load_lora_weights(repo_id)
 {swap}pipe.to("cuda")
-video = pipe({call_args}).frames[0]
+{image_line}video = pipe({call_args}).frames[0]
 export_to_video(video, "output.mp4", fps=16)
 ```"""
 
@@ -202,11 +207,12 @@ def model_card_text(folder: str | Path, repo_id: str) -> str:
     pipeline_class = _pipeline_class(folder, info)
     vae_class = info.get("vae_class")  # the family's VAE, loaded in fp32 (older exports: the pipeline's own)
 
+    task = "image-to-video" if "ImageToVideo" in pipeline_class else "text-to-video"
     data = ModelCardData(
         base_model=hub_source,
         library_name="diffusers",
-        pipeline_tag="text-to-video",
-        tags=card_tags(info),
+        pipeline_tag=task,
+        tags=[task if t == "text-to-video" else t for t in card_tags(info)],
     )
 
     base_text = f"[{hub_source}](https://huggingface.co/{hub_source})" if hub_source else "a local base model"
@@ -214,10 +220,10 @@ def model_card_text(folder: str | Path, repo_id: str) -> str:
     kind = "LoRA adapter for a " if is_lora and not has_pipeline else ""
     if _is_distilled(info):
         what = f"{steps}-step " if steps is not None else ""
-        summary = f"A {kind}{what}text-to-video model distilled from {base_text}"
+        summary = f"A {kind}{what}{task} model distilled from {base_text}"
         summary += f" with {title}." if title else "."
     else:
-        summary = f"A {kind}text-to-video model fine-tuned from {base_text}"
+        summary = f"A {kind}{task} model fine-tuned from {base_text}"
         summary += f" ({title})." if title else "."
 
     facts = []
@@ -226,6 +232,9 @@ def model_card_text(folder: str | Path, repo_id: str) -> str:
     facts.append(f"- **Base model:** {hub_source or 'a local model (not on the Hub)'}")
     if adapter:
         facts.append(f"- **Adapter:** {adapter} (`{LORA_WEIGHTS_FILE}`)")
+    for name, meta in (info.get("extra_lora_files") or {}).items():
+        layout = meta.get("layout", "") if isinstance(meta, dict) else ""
+        facts.append(f"- **Also:** `{name}` ({layout} key layout, e.g. for ComfyUI)")
     if steps is not None:
         timesteps = ", ".join(_fmt_number(t) for t in info.get("timesteps") or [])
         facts.append(f"- **Sampling steps:** {steps}")

@@ -119,6 +119,20 @@ def test_card_full_pipeline(export_folder):
     compile(code, "card", "exec")  # the snippet is valid Python
 
 
+def test_card_of_an_image_to_video_export_passes_the_image(export_folder, tmp_path):
+    """An image-to-video export's card says so and its snippet gives the pipeline the first frame."""
+    import shutil
+
+    folder = shutil.copytree(export_folder, tmp_path / "i2v")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+    text = model_card_text(folder, REPO)
+    assert yaml.safe_load(text.split("---")[1])["pipeline_tag"] == "image-to-video" and "image-to-video model" in text
+    code = text.split("```python")[1].split("```")[0]
+    assert 'image = load_image("first_frame.png")' in code and "pipe(image=image, prompt=" in code
+    compile(code, "card", "exec")
+
+
 def _python_block(card: str) -> str:
     blocks = card.split("```python")[1:]
     assert len(blocks) == 1
