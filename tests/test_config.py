@@ -809,6 +809,7 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
     import huggingface_hub.constants
 
     from accel_distill.families.wan import component_config, model_index
+    from accel_distill.testing.tiny_cogvideox import build_tiny_cogvideox
     from accel_distill.testing.tiny_wan import build_tiny_wan
 
     monkeypatch.chdir(Path(__file__).parents[1])
@@ -826,6 +827,9 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
             else:  # the model's layout: two experts (A14B), image-to-video (I2V: 36 channels + CLIP; TI2V-5B)
                 folder = tmp_path / f"{variant}{'-two-experts' if two else ''}"
                 hub[rc["path"]] = build_tiny_wan(folder, variant=variant, boundary_ratio=0.875 if two else None)
+        elif rc["path"].startswith("THUDM/"):  # CogVideoX: a tiny one with the real models' 226 text tokens
+            folder = tmp_path / "cogvideox"
+            hub[rc["path"]] = folder if folder.exists() else build_tiny_cogvideox(folder, text_length=226)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hub_cache(tmp_path / "hub", hub)))
     model_index.cache_clear()
