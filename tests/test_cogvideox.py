@@ -286,11 +286,12 @@ def test_dmd2_export_is_sampled_by_stock_cogvideox_pipeline_bitwise(tmp_path, co
     assert torch.equal(our_sample(path, model, schedule, embeds), stock["latents"])
 
 
-def test_lora_finetune_with_ema_exports_a_diffusers_lora_the_stock_pipeline_loads(tmp_path, cog, cog_data):
-    """A LoRA finetune with EMA: the export's pytorch_lora_weights.safetensors (CogVideoXPipeline.
-    save_lora_weights) loads with stock load_lora_weights, holds the EMA-averaged adapter (not the raw
-    one), and the stock pipeline then samples (its own scheduler, 4 steps) what our sampler does, bitwise."""
-    out = tmp_path / "out"
+def test_lora_finetune_with_ema_resumes_and_exports_a_diffusers_lora_the_stock_pipeline_loads(tmp_path, cog, cog_data):
+    """A LoRA finetune with EMA: 4 steps straight == 2 + resume + 2 (losses, exported adapter); the export's
+    pytorch_lora_weights.safetensors (CogVideoXPipeline.save_lora_weights) loads with stock load_lora_weights,
+    holds the EMA-averaged adapter (not the raw one), and the stock pipeline then samples (its own scheduler,
+    4 steps) what our sampler does, bitwise."""
+    out, resumed = tmp_path / "out", tmp_path / "resumed"
     cfg = cog_config("finetune", cog, cog, cog_data, out)
     lora = {"rank": 4, "alpha": 8, "init": "gaussian"}
     cfg["roles"]["student"].update(lora=lora, ema={"decay": 0.5}, learning_rate=1e-2)
@@ -299,6 +300,12 @@ def test_lora_finetune_with_ema_exports_a_diffusers_lora_the_stock_pipeline_load
     assert (proc := run_cli("--config", str(path))).returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "export" / "accel_distill_export.json").read_text())
     assert info["adapter"] == "lora" and info["ema"] is True and info["method"] == "finetune"
+    ckpt2 = out / "checkpoints" / "checkpoint-2"
+    proc = run_cli("--config", str(path), f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt2}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["total_loss"] for r in metrics(out)[2:]] == [r["total_loss"] for r in metrics(resumed)]
+    a, b = (load_file(o / "export" / "pytorch_lora_weights.safetensors") for o in (out, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -346,6 +353,29 @@ def test_lora_finetune_with_ema_exports_a_diffusers_lora_the_stock_pipeline_load
     assert torch.equal(with_lora, ours_ema)
     assert (with_lora - base).abs().max() > 1e-3  # the adapter changed the model
     assert (ours_raw - ours_ema).abs().max() > 1e-4  # the export is the EMA average, not the raw adapter
+
+
+def test_fsdp_two_processes_shard_every_role_and_export(tmp_path, cog, cog_teacher, cog_data):
+    """2 CPU processes, FSDP2 with accelerate_configs/fsdp8_cogvideox.yaml (per CogVideoXBlock): each rank
+    holds half of the student, the frozen teacher and the critic; DMD2 trains and exports the full student."""
+    from launching import FSDP_SHIM, launch
+
+    out = tmp_path / "out"
+    cfg = cog_config("dmd2", cog, cog_teacher, cog_data, out)
+    cfg["method_config"]["rollout_mode"] = "simulate"
+    cfg["training"].update(max_train_steps=2, checkpointing_steps=2, train_batch_size=1)
+    report = tmp_path / "shards"
+    config = str(write_config(tmp_path / "run.yaml", cfg))
+    launch("accelerate_configs/fsdp8_cogvideox.yaml", FSDP_SHIM, "--config", config, env={"SHARD_REPORT": str(report)})
+    for rank in (0, 1):
+        shards = json.loads(Path(f"{report}.rank{rank}.json").read_text())
+        assert set(shards) == {"student", "teacher", "critic"}
+        assert all(0.4 < local / total < 0.6 for local, total in shards.values()), (rank, shards)
+    assert [r["iteration"] for r in metrics(out)] == [1, 2]
+    from diffusers import CogVideoXTransformer3DModel
+
+    exported = CogVideoXTransformer3DModel.from_pretrained(out / "export", subfolder="transformer")
+    assert sum(p.numel() for p in exported.parameters()) == shards["student"][1]
 
 
 # --- bad input: one line before any model loads -------------------------------------------------------
