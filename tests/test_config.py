@@ -278,7 +278,11 @@ ERROR_CASES = [
     ),
     # registries
     pytest.param(
-        "dmd2", setk("recipe.family", "flux"), [], ["recipe.family:", "'flux'", "registered: wan"], id="unknown-family"
+        "dmd2",
+        setk("recipe.family", "flux"),
+        [],
+        ["recipe.family:", "'flux'", "registered: cogvideox, wan, wan_i2v, wan_ti2v"],
+        id="unknown-family",
     ),
     pytest.param(
         "dmd2",
