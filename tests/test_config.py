@@ -281,7 +281,7 @@ ERROR_CASES = [
         "dmd2",
         setk("recipe.family", "flux"),
         [],
-        ["recipe.family:", "'flux'", "registered: cogvideox, wan, wan_i2v, wan_ti2v"],
+        ["recipe.family:", "'flux'", "registered: cogvideox, ltx, wan, wan_i2v, wan_ti2v"],
         id="unknown-family",
     ),
     pytest.param(
@@ -814,6 +814,7 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
 
     from accel_distill.families.wan import component_config, model_index
     from accel_distill.testing.tiny_cogvideox import build_tiny_cogvideox
+    from accel_distill.testing.tiny_ltx import build_tiny_ltx
     from accel_distill.testing.tiny_wan import build_tiny_wan
 
     monkeypatch.chdir(Path(__file__).parents[1])
@@ -834,6 +835,9 @@ def test_shipped_configs_validate(config, tmp_path, capsys, monkeypatch, tiny_wa
         elif rc["path"].startswith("THUDM/"):  # CogVideoX: a tiny one with the real models' 226 text tokens
             folder = tmp_path / "cogvideox"
             hub[rc["path"]] = folder if folder.exists() else build_tiny_cogvideox(folder, text_length=226)
+        elif rc["path"].startswith("Lightricks/"):  # LTX-Video: the tiny one's layout
+            folder = tmp_path / "ltx"
+            hub[rc["path"]] = folder if folder.exists() else build_tiny_ltx(folder)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline_hub_cache(tmp_path / "hub", hub)))
     model_index.cache_clear()

@@ -1,3 +1,3 @@
 """Model families. Each module registers itself with ``@register_family``."""
 
-from accel_distill.families import cogvideox, wan, wan_i2v  # noqa: F401
+from accel_distill.families import cogvideox, ltx, wan, wan_i2v  # noqa: F401
