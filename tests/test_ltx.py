@@ -8,8 +8,10 @@ call) samples the exports at the trained timesteps with latents equal to ours, b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -202,6 +204,16 @@ def test_adapter_calls_the_transformer_as_the_pipeline_does(ltx):
     torch.testing.assert_close(adapter.denormalize_latents(normal), raw)
 
 
+def test_validation_decodes_as_the_pipeline_at_decode_timestep_0():
+    """A timestep-conditioned VAE (LTX-Video 0.9.1+) needs a decode timestep: LTXPipeline's default 0, no noise."""
+    from accel_distill.testing.tiny_ltx import tiny_vae
+
+    vae = tiny_vae(timestep_conditioning=True).eval()
+    z = torch.randn(1, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(LTXFamily.decode(None, vae, z), vae.decode(z, torch.zeros(1), return_dict=False)[0])
+
+
 # --- preprocess, training, export, stock sampling ---------------------------------------------------
 
 
@@ -248,45 +260,53 @@ def test_dmd2_export_is_sampled_by_stock_ltx_pipeline_bitwise(tmp_path, ltx, ltx
     assert torch.equal(our_sample(path, model, schedule), stock["latents"])
 
 
-def test_lora_finetune_exports_a_diffusers_lora_the_stock_pipeline_loads(tmp_path, ltx, ltx_data):
-    """A LoRA finetune's pytorch_lora_weights.safetensors (LTXPipeline.save_lora_weights) loads with stock
-    load_lora_weights into the source pipeline, and a 4-step stock call then samples what our sampler does
-    (the student's weights, the export's scheduler at its LTX spacing), bitwise."""
-    out = tmp_path / "out"
+def test_lora_finetune_with_ema_resumes_and_exports_a_diffusers_lora_the_stock_pipeline_loads(tmp_path, ltx, ltx_data):
+    """A LoRA finetune with EMA: 4 steps straight == 2 + resume + 2 (losses, exported adapter); the export's
+    pytorch_lora_weights.safetensors (LTXPipeline.save_lora_weights) loads with stock load_lora_weights, holds the
+    EMA-averaged adapter, and a 4-step stock call then samples what our sampler does, bitwise."""
+    out, resumed = tmp_path / "out", tmp_path / "resumed"
     cfg = ltx_config("finetune", ltx, ltx, ltx_data, out)
-    cfg["roles"]["student"].update(lora={"rank": 4, "alpha": 8, "init": "gaussian"}, learning_rate=1e-2)
+    lora = {"rank": 4, "alpha": 8, "init": "gaussian"}
+    cfg["roles"]["student"].update(lora=lora, ema={"decay": 0.5}, learning_rate=1e-2)
     cfg["method_config"] = {"cfg_dropout_rate": 0.0}
-    cfg["training"]["max_train_steps"] = 2
     path = write_config(tmp_path / "ft.yaml", cfg)
     assert (proc := run_cli("--config", str(path))).returncode == 0, proc.stderr[-3000:]
-    assert (out / "export" / "pytorch_lora_weights.safetensors").is_file()
-
-    import shutil
+    ckpt2 = out / "checkpoints" / "checkpoint-2"
+    proc = run_cli("--config", str(path), f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt2}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["total_loss"] for r in metrics(out)[2:]] == [r["total_loss"] for r in metrics(resumed)]
+    a, b = (load_file(o / "export" / "pytorch_lora_weights.safetensors") for o in (out, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     from diffusers import LTXVideoTransformer3DModel
 
     from accel_distill.config.schema import LoraSpec
     from accel_distill.roles import lora_config
 
-    source = shutil.copytree(ltx, tmp_path / "static")  # the stock call at a static shift (no mu dependence)
+    # the stock call at a static shift (the source's dynamic mu shift is not what our many-step sampler does)
+    source = shutil.copytree(ltx, tmp_path / "static")
     sched = source / "scheduler" / "scheduler_config.json"
-    sched.write_text(
-        json.dumps({**json.loads(sched.read_text()), "use_dynamic_shifting": False, "shift_terminal": None})
-    )
+    static = {"use_dynamic_shifting": False, "shift_terminal": None}
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), **static}))
     stock = stock_sample(tmp_path, source, 4, lora=out / "export")
-    model = LTXVideoTransformer3DModel.from_pretrained(ltx, subfolder="transformer").requires_grad_(False)
-    model.add_adapter(lora_config(LoraSpec(**cfg["roles"]["student"]["lora"])))
-    assert not model.load_state_dict(
-        load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors"), strict=False
-    ).unexpected_keys
-    schedule = LTXFlow(1.0).many_step_schedule()
-    s = schedule.make_scheduler()
-    s.set_timesteps(4)
-    import dataclasses
 
-    schedule = dataclasses.replace(schedule, timesteps=tuple(s.timesteps.tolist()))
+    model = LTXVideoTransformer3DModel.from_pretrained(ltx, subfolder="transformer").requires_grad_(False)
+    model.add_adapter(lora_config(LoraSpec(**lora)))
+    ckpt = out / "checkpoints" / "checkpoint-4"
+    shadow = torch.load(ckpt / "shared_state.pt", weights_only=False)["callbacks"]["ema"]["student"]["shadow"]
+    with torch.no_grad():  # the EMA shadow, in the order of the trainable parameters
+        for p, s in zip([p for p in model.parameters() if p.requires_grad], shadow, strict=True):
+            p.copy_(s)
+    many = LTXFlow(1.0).many_step_schedule()
+    s = many.make_scheduler()
+    s.set_timesteps(4)
+    schedule = dataclasses.replace(many, timesteps=tuple(s.timesteps.tolist()))
     assert stock["timesteps"] == [1000.0, 750.0, 500.0, 250.0] == list(schedule.timesteps)
     assert torch.equal(our_sample(path, model, schedule), stock["latents"])
+    raw = LTXVideoTransformer3DModel.from_pretrained(ltx, subfolder="transformer").requires_grad_(False)
+    raw.add_adapter(lora_config(LoraSpec(**lora)))
+    assert not raw.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False).unexpected_keys
+    assert (our_sample(path, raw, schedule) - stock["latents"]).abs().max() > 1e-6  # the export is the EMA average
 
 
 # --- bad input: one line before any model loads -------------------------------------------------------

@@ -363,6 +363,13 @@ class LTXFamily(Family):
             latents_std=std,
         )
 
+    def decode(self, vae, raw_latents: torch.Tensor) -> torch.Tensor:
+        """As LTXPipeline decodes at its default ``decode_timestep`` 0 (timestep-conditioned VAEs, 0.9.1+: no
+        decode noise, ``temb`` 0)."""
+        z = raw_latents.to(vae.dtype)
+        temb = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device) if vae.config.timestep_conditioning else None
+        return vae.decode(z, temb, return_dict=False)[0]
+
     @classmethod
     def media_encoder(
         cls, source: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None

@@ -35,7 +35,8 @@ def tiny_transformer_config() -> dict:
     )
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, *, timestep_conditioning: bool = False):
+    """``timestep_conditioning``: LTX-Video 0.9.1+'s decoder, which takes a decode timestep."""
     from diffusers import AutoencoderKLLTXVideo
 
     vae = AutoencoderKLLTXVideo(
@@ -51,7 +52,7 @@ def tiny_vae(seed: int = 0):
         decoder_inject_noise=(False, False, False, False, False),
         upsample_residual=(False, False, False, False),
         upsample_factor=(1, 1, 1, 1),
-        timestep_conditioning=False,
+        timestep_conditioning=timestep_conditioning,
         patch_size=1,
         patch_size_t=1,
         encoder_causal=True,
