@@ -337,3 +337,28 @@ def test_wan_data_on_an_ltx_recipe_names_the_file_and_the_channels(tmp_path, ltx
     assert train_main(["--config", str(write_config(tmp_path / "run.yaml", cfg))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(wan_data) in err[0] and "16 channels, expected 8" in err[0], err
+
+
+def test_fsdp_two_processes_simulate_rollouts_shard_every_role_and_export(tmp_path, ltx, ltx_teacher, ltx_data):
+    """2 CPU processes, FSDP2 with accelerate_configs/fsdp8_ltx.yaml (per LTXVideoTransformerBlock): each rank holds
+    half of the student, the frozen teacher and the critic; DMD2 with data-free (simulate) rollouts at the
+    configured video size trains and exports the full student."""
+    from launching import FSDP_SHIM, launch
+
+    out = tmp_path / "out"
+    cfg = ltx_config("dmd2", ltx, ltx_teacher, ltx_data, out)
+    cfg["method_config"]["rollout_mode"] = "simulate"
+    cfg["pipeline_config"].update(VIDEO)
+    cfg["training"].update(max_train_steps=2, checkpointing_steps=2, train_batch_size=1)
+    report = tmp_path / "shards"
+    config = str(write_config(tmp_path / "run.yaml", cfg))
+    launch("accelerate_configs/fsdp8_ltx.yaml", FSDP_SHIM, "--config", config, env={"SHARD_REPORT": str(report)})
+    for rank in (0, 1):
+        shards = json.loads(Path(f"{report}.rank{rank}.json").read_text())
+        assert set(shards) == {"student", "teacher", "critic"}
+        assert all(0.4 < local / total < 0.6 for local, total in shards.values()), (rank, shards)
+    assert [r["iteration"] for r in metrics(out)] == [1, 2]
+    from diffusers import LTXVideoTransformer3DModel
+
+    exported = LTXVideoTransformer3DModel.from_pretrained(out / "export", subfolder="transformer")
+    assert sum(p.numel() for p in exported.parameters()) == shards["student"][1]
