@@ -854,3 +854,16 @@ def test_fp16_with_two_trainable_roles_is_refused(tmp_path, tiny_wan, tiny_teach
     cfg["training"]["mixed_precision"] = "fp16"
     assert main(["--config", str(write_config(tmp_path / "run.yaml", cfg))]) == 2
     assert "training.mixed_precision" in capsys.readouterr().err
+
+
+def test_a_method_needing_what_the_family_lacks_is_refused_before_any_model_loads(make_config, capsys, monkeypatch):
+    """An unsupported method/family pair (here: DMD2's CFG on a family without it) is one config line."""
+    from accel_distill.registry import FAMILIES
+
+    monkeypatch.setattr(FAMILIES["wan"], "capabilities", frozenset({"native_prediction", "x0_prediction"}))
+    path, out = make_config("dmd2")
+    assert main(["--config", str(path)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "recipe.method:", "'dmd2'", "cfg", "'wan'")
+    assert not out.exists()
+    path, _ = make_config("finetune", name="ft.yaml")  # finetune needs only the native prediction
+    assert load_config(str(path)).recipe.method == "finetune"

@@ -102,6 +102,13 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     if recipe.method not in METHODS:
         fail(source, "recipe.method", f"unknown method {recipe.method!r}; registered: {', '.join(sorted(METHODS))}")
     family_cls, method_cls = FAMILIES[recipe.family], METHODS[recipe.method]
+    missing = sorted(set(method_cls.required_capabilities) - set(family_cls.capabilities))
+    if missing:
+        fail(
+            source,
+            "recipe.method",
+            f"method {recipe.method!r} needs {', '.join(missing)}, which family {recipe.family!r} does not provide",
+        )
 
     cfg = RunConfig(
         recipe=recipe,

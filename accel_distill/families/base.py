@@ -186,6 +186,9 @@ class Family(ABC):
         """Family-specific checks on the config, before any weights load."""
         return None
 
+    # What its adapter provides to methods (a method's required_capabilities must be a subset).
+    capabilities: frozenset[str] = frozenset({"native_prediction", "x0_prediction", "cfg"})
+
     @classmethod
     def module_keys(cls, cfg: RunConfig, role: str) -> list[str]:
         """The modules role ``role`` loads (e.g. ``["transformer", "transformer_2"]``), from the config alone."""
