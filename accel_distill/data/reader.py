@@ -34,6 +34,7 @@ from .schema import (
     dtype_name,
     tensor_columns,
 )
+from .sources import column_ranges
 
 if TYPE_CHECKING:
     from .stream import LatentStream
@@ -89,16 +90,43 @@ _NONFINITE_BITS = {
 }
 
 
+CHUNK_BYTES = 1 << 18  # checked and copied piece by piece: each piece is read from memory once, then from cache
+
+
 def has_nonfinite(buf: Any, dtype: torch.dtype) -> bool:
     """True if the raw values in ``buf`` (bytes-like, ``dtype``) hold a NaN or inf; False for non-float dtypes."""
+    return _nonfinite_check(dtype)(np.frombuffer(buf, dtype=np.uint8))
+
+
+def _nonfinite_check(dtype: torch.dtype):
+    """A function of a uint8 array (whole values) -> True if it holds a NaN/inf of ``dtype``; None: not a float."""
     spec = _NONFINITE_BITS.get(dtype)
     if spec is None:
-        return False
+        return lambda raw: False
     signed, positive, negative = spec
-    values = np.frombuffer(buf, dtype=signed)
-    if values.size == 0:
-        return False
-    return bool(values.max() >= positive) or bool(values.view(np.dtype(signed).str.replace("i", "u")).max() >= negative)
+    unsigned = np.dtype(signed).str.replace("i", "u")
+
+    def check(raw: np.ndarray) -> bool:
+        values = raw.view(signed)
+        return values.size > 0 and (bool(values.max() >= positive) or bool(values.view(unsigned).max() >= negative))
+
+    return check
+
+
+def copy_checked(dst: torch.Tensor, buf: Any) -> bool:
+    """Copy ``buf`` into contiguous ``dst`` (as ``copy_bytes_into``), testing each piece for NaN/inf just before
+    copying it; False (``dst`` partly written) at the first non-finite piece."""
+    src = np.frombuffer(buf, dtype=np.uint8)
+    flat = dst.view(torch.uint8).reshape(-1)
+    if src.size != flat.numel():
+        raise ValueError(f"{src.size} bytes stored but shape {list(dst.shape)} of {dst.dtype} needs {flat.numel()}")
+    out, check = flat.numpy(), _nonfinite_check(dst.dtype)
+    for a in range(0, src.size, CHUNK_BYTES):  # CHUNK_BYTES is a multiple of every item size
+        piece = src[a : a + CHUNK_BYTES]
+        if check(piece):
+            return False
+        out[a : a + CHUNK_BYTES] = piece
+    return True
 
 
 def value_buffers(column: pa.ChunkedArray) -> list[pa.Buffer]:
@@ -125,22 +153,23 @@ class Reader:
         self.columns = columns
         self.byte_columns = {c for c in columns if c.endswith("_bytes")}
         self.cache_groups = max(1, cache_groups)
-        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._files: OrderedDict[int, tuple[pq.ParquetFile, Any]] = OrderedDict()  # (file, its source)
         self._groups: OrderedDict[int, dict[str, Any]] = OrderedDict()
 
     def close(self) -> None:
-        for f in self._files.values():
+        for f, _ in self._files.values():
             f.close()
         self._files.clear()
         self._groups.clear()
 
-    def _file(self, fi: int) -> pq.ParquetFile:
+    def _file(self, fi: int) -> tuple[pq.ParquetFile, Any]:
         if fi in self._files:
             self._files.move_to_end(fi)
             return self._files[fi]
         if len(self._files) >= MAX_OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        f = self.s._files[fi].parquet(self.s._metadata[fi])
+            self._files.popitem(last=False)[1][0].close()
+        source = self.s._files[fi].open()  # a Hub file's RangeFile, to prefetch row groups through
+        f = (self.s._files[fi].parquet(self.s._metadata[fi], source=source), source)
         self._files[fi] = f
         return f
 
@@ -151,7 +180,11 @@ class Reader:
         g = self.s._groups[gi]
         where = self.s._files[g.file]
         try:
-            table = self._file(g.file).read_row_group(g.index, columns=self.columns)
+            f, source = self._file(g.file)
+            if where.remote:  # one coalesced range request for the columns of this group
+                source.prefetch(column_ranges(self.s._metadata[g.file].row_group(g.index), self.columns))
+            # a local group is decoded in this thread (a pool hand-off costs more than it saves per group)
+            table = f.read_row_group(g.index, columns=self.columns, use_threads=where.remote)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"cannot read row group {g.index} of {where}: {e}") from e
         except Exception as e:  # a Hub read fails with huggingface_hub / httpx errors
@@ -212,13 +245,14 @@ class Reader:
         return r
 
     def _put(self, dst: torch.Tensor, r: Row, what: str, buf: pa.Buffer) -> None:
-        """Copy ``buf`` into ``dst``, first checking it for NaN/inf (``check_finite``): the copy then reads
-        what the check just brought into the cache."""
-        if self.s.check_finite and has_nonfinite(buf, dst.dtype):
+        """Copy ``buf`` into ``dst``, checking it for NaN/inf on the way (``check_finite``): piece by piece, so
+        the copy reads what the check just brought into the cache."""
+        if not self.s.check_finite:
+            copy_bytes_into(dst, buf)
+        elif not copy_checked(dst, buf):
             values = bytes_to_tensor(buf, [buf.size // dst.dtype.itemsize], dtype_name(dst.dtype))
             n = int((~torch.isfinite(values)).sum())
             raise DataError(f"{r.where()}: {what} has {n} non-finite values (NaN or inf)")
-        copy_bytes_into(dst, buf)
 
     def batch(self, rows: np.ndarray) -> dict:
         """Collate rows into one batch; shapes/dtypes must agree (text lengths may differ: padded)."""

@@ -19,6 +19,7 @@ and fetches byte ranges -- the footer first, then the columns of each row group 
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Sequence
@@ -89,21 +90,93 @@ class DataFile:
         return is_hub_reference(self.uri)
 
     def open(self) -> Any:
-        """A source for ``pyarrow.parquet.ParquetFile``: the path, or a seekable Hub file reading byte ranges."""
+        """A source for ``pyarrow.parquet.ParquetFile``: the path, or a :class:`RangeFile` over the Hub file."""
         if not self.remote:
             return self.uri
         # No read-ahead cache: pyarrow asks for exactly the footer and the column chunks it needs.
-        return hub_filesystem().open(self.uri, "rb", block_size=1 << 20, cache_type="none", size=self.size)
+        raw = hub_filesystem().open(self.uri, "rb", block_size=1 << 20, cache_type="none", size=self.size)
+        return RangeFile(raw, self.size if self.size is not None else raw.size)
 
-    def parquet(self, metadata: Any = None) -> Any:
-        """This file as a ``pyarrow.parquet.ParquetFile``; a local one memory-mapped (row groups read ~2x faster:
-        pyarrow decodes straight from the page cache instead of reading into a buffer first)."""
+    def parquet(self, metadata: Any = None, source: Any = None) -> Any:
+        """This file as a ``pyarrow.parquet.ParquetFile``. A local one is memory-mapped (row groups read ~2x
+        faster: pyarrow decodes straight from the page cache) without pre-buffering (nothing to coalesce in a
+        mapping: ~20% less CPU per row group); a Hub one pre-buffers, so each row group is one coalesced range
+        request."""
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.open(), metadata=metadata, memory_map=not self.remote)
+        # pyarrow's own pre-buffering of a Python file runs reads on its IO threads, which abort the process
+        # when they outlive the interpreter ("terminate called without an active exception"): Hub row groups are
+        # fetched by RangeFile.prefetch instead, in the reading thread, one coalesced request each.
+        source = self.open() if source is None else source
+        return pq.ParquetFile(source, metadata=metadata, memory_map=not self.remote, pre_buffer=False)
+
 
     def __str__(self) -> str:
         return self.uri
+
+
+def column_ranges(row_group: Any, columns: Sequence[str], hole: int = 8192) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` holding ``columns`` of a row group (its metadata), merged across gaps <= ``hole``."""
+    wanted, spans = set(columns), []
+    for j in range(row_group.num_columns):
+        c = row_group.column(j)
+        if c.path_in_schema.split(".")[0] in wanted:
+            start = c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+            spans.append((start, start + c.total_compressed_size))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start - merged[-1][1] <= hole:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class RangeFile(io.RawIOBase):
+    """A seekable, read-only view of a remote file: reads inside ranges fetched by :meth:`prefetch` (one request
+    each) are served from memory without a copy, any other read is one range request."""
+
+    def __init__(self, raw: Any, size: int) -> None:
+        super().__init__()
+        self.raw, self.size, self.pos = raw, int(size), 0
+        self.cached: list[tuple[int, memoryview]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+        return self.pos
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch these ``[start, end)`` ranges now (replacing earlier ones)."""
+        self.cached = []
+        for start, end in ranges:
+            self.raw.seek(start)
+            self.cached.append((start, memoryview(self.raw.read(end - start))))
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        end = self.size if n is None or n < 0 else min(self.pos + n, self.size)
+        for start, data in self.cached:
+            if start <= self.pos and end <= start + len(data):
+                out = data[self.pos - start : end - start]
+                self.pos = end
+                return out
+        self.raw.seek(self.pos)
+        out = self.raw.read(end - self.pos)
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.raw.close()
+        self.cached = []
+        super().close()
 
 
 _FS_LOCK = threading.Lock()
