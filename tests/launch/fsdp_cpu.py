@@ -39,7 +39,7 @@ if os.environ.get("SHARD_REPORT"):  # where to write {role or role.module: [loca
     def build_and_report(cfg):
         rt = _build(cfg)
         report = {}
-        for name, role in rt.bundle.roles.items():
+        for role in rt.bundle.roles.values():
             for key, module in role.modules.items():
                 params = list(module.parameters())
                 local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
