@@ -24,6 +24,8 @@ otherwise waits for a descheduled thread). With 2 ranks both processes run at on
 slower one. Hub: the same files from ``accel_distill.testing.loopback_hub`` (its own process,
 serving from disk over HTTP on 127.0.0.1), read by byte range through ``HfFileSystem`` by both.
 Runs alternate ours / the baselines; ratios are of the medians (target >= 0.9x locally).
+``--with-datasets`` adds ``datasets``' own streaming (local, no shuffle buffer: its upper bound);
+``--datasets-resume`` only checks whether its shuffled stream resumes exactly from ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -218,6 +220,37 @@ def worker_pyarrow(source: str, batch: int, rank: int, world: int, text_max_leng
     return samples, time.perf_counter() - start, time.process_time() - cpu
 
 
+def datasets_resume(folder: Path, buffer: int = 8, first: int = 10, total: int = 24) -> str:
+    """Can ``datasets``' shuffled stream resume exactly? ``first`` rows, ``state_dict()``, a new stream resumed from
+    it for the rest, against one straight pass over the same rows."""
+    import itertools
+    import warnings
+
+    from datasets import load_dataset
+
+    files = sorted(str(p) for p in folder.glob("*.parquet"))
+
+    def make():
+        ds = load_dataset("parquet", data_files=files, split="train", streaming=True).select_columns(["id"])
+        return ds.shuffle(seed=0, buffer_size=buffer)
+
+    straight = [r["id"] for r in itertools.islice(iter(make()), total)]
+    ds = make()
+    it = iter(ds)
+    got = [next(it)["id"] for _ in range(first)]
+    resumed = make()
+    resumed.load_state_dict(ds.state_dict())
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got += [r["id"] for r in itertools.islice(iter(resumed), total - first)]
+    return (
+        f"RESULT datasets_resume shuffle(buffer_size={buffer}), state_dict after {first} of {total} rows: "
+        f"{'same' if got == straight else 'different'} order as one pass, {len(set(straight) - set(got))} rows "
+        f"never came, {len(got) - len(set(got))} repeated, resumed part took {time.perf_counter() - start:.1f} s"
+    )
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -282,6 +315,7 @@ def main() -> None:
     # worker mode
     p.add_argument("--worker", choices=["ours", "pyarrow", "pyarrow-thread", "datasets"])
     p.add_argument("--with-datasets", action="store_true", help="also time datasets' streaming (local, no shuffle)")
+    p.add_argument("--datasets-resume", action="store_true", help="only: does datasets' shuffled stream resume?")
     p.add_argument("--source")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world", type=int, default=1)
@@ -291,6 +325,8 @@ def main() -> None:
 
     folder = Path(args.data) / f"rg{args.row_group_size or 'auto'}"
     write_data(folder, args.samples, args.rows_per_file, args.row_group_size, args.text_tokens)
+    if args.datasets_resume:
+        return print(datasets_resume(folder))
     size = sum(f.stat().st_size for f in folder.glob("*.parquet"))
     import pyarrow.parquet as pq
 

@@ -14,7 +14,7 @@
    page cache, samples/s over several passes (and pyarrow without touching the
    bytes, an upper bound). Target: reader >= 0.5x pyarrow.
 
-Videos only: images give 1-frame latents, and a training batch needs one latent shape.
+Videos only: one latent shape, so the reader's rate is not split over buckets.
 """
 
 from __future__ import annotations
