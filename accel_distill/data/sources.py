@@ -110,7 +110,6 @@ class DataFile:
         source = self.open() if source is None else source
         return pq.ParquetFile(source, metadata=metadata, memory_map=not self.remote, pre_buffer=False)
 
-
     def __str__(self) -> str:
         return self.uri
 
