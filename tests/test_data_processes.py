@@ -52,6 +52,8 @@ def test_two_ranks_stream_buckets_from_the_hub_like_one_process(tmp_path):
             assert ranks[0]["digests"][step] + ranks[1]["digests"][step] == single["digests"][step]
             assert ranks[0]["states"][step] == ranks[1]["states"][step] == {**single["states"][step], "world_size": 2}
         assert any("fewer than a global batch" in line for line in ranks[0]["buckets"])  # WIDE: 3 < 4
+        # rank 0 pinned the branch to a commit and told rank 1 (a push between the two cannot split them)
+        assert sum(p.split("?")[0] == "/api/datasets/tester/mixed" for _, p in hub.requests) == 1
 
         # the position one process saved after its 9th batch (epoch 1, rows carried in) resumes in two
         (tmp_path / "state.json").write_text(json.dumps(single["states"][8]))

@@ -219,6 +219,27 @@ def pin_revision(ref: HubRef) -> str:
     return info.sha
 
 
+def on_rank0(fn: Any) -> Any:
+    """``fn()`` computed by rank 0 and given to every rank when a process group is up (else just ``fn()``), so a
+    branch that moves while the ranks start cannot give them different commits; rank 0's DataError is raised
+    on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except DataError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise DataError(value)
+    return value
+
+
 def _pattern(path: str, is_dir: bool) -> str:
     """A folder's pattern: every parquet file below it."""
     return f"{path.rstrip('/')}/**/*.parquet" if is_dir else path
@@ -253,7 +274,7 @@ def _resolve_local(source: str) -> list[DataFile]:
 
 def _resolve_hub(source: str) -> list[DataFile]:
     ref = parse_hub_reference(source)
-    pinned = HubRef(ref.repo_id, pin_revision(ref), ref.path)
+    pinned = HubRef(ref.repo_id, on_rank0(lambda: pin_revision(ref)), ref.path)
     fs = hub_filesystem()
     is_dir = not any(c in ref.path for c in WILDCARDS) and not ref.path.endswith(".parquet")
     try:
