@@ -133,12 +133,10 @@ def test_training_stops_on_nan_text_embeddings_naming_file_and_row(tmp_path, tin
 @pytest.mark.parametrize("case", ["channels", "width"])
 def test_model_mismatch_is_caught_before_any_step(tmp_path, tiny_wan, monkeypatch, case):
     from accel_distill import builder
-    from accel_distill.families import wan
 
     shape = (8, 2, 4, 4) if case == "channels" else (16, 2, 4, 4)
-    data = write_synthetic_dataset(tmp_path / "d.parquet", latent_shape=shape)
-    if case == "width":  # the adapter names the text width its transformer takes
-        monkeypatch.setattr(wan.WanAdapter, "text_dim", 64, raising=False)
+    # "width": embeddings of another text encoder (64 wide) for a transformer taking text_dim 32
+    data = write_synthetic_dataset(tmp_path / "d.parquet", latent_shape=shape, text_dim=64 if case == "width" else 32)
     cfg = load_config(
         str(write_config(tmp_path / "run.yaml", base_config("finetune", tiny_wan, tiny_wan, data, tmp_path / "o")))
     )
@@ -150,7 +148,7 @@ def test_model_mismatch_is_caught_before_any_step(tmp_path, tiny_wan, monkeypatc
     if case == "channels":
         assert message == f"{data} row 0: latent has 8 channels, expected 16 (shape [8, 2, 4, 4])"
     else:
-        assert message.startswith(f"{data} row 0 (id 'sample-00000'): text embedding width 32, the model expects 64")
+        assert message.startswith(f"{data} row 0 (id 'sample-00000'): text embedding width 64, the model expects 32")
     assert not loaded  # before any model weights load, so before any optimizer step
 
 

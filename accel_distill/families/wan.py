@@ -259,7 +259,12 @@ class WanFamily(Family):
         return index.get("boundary_ratio") if has_second_expert(index) else None
 
     def make_adapter(self, role: str) -> WanAdapter:
-        return self.adapter_class(**self.adapter_kwargs(role))
+        adapter = self.adapter_class(**self.adapter_kwargs(role))
+        # the text encoder width the transformer takes: the data's embeddings are checked against it
+        adapter.text_dim = int(
+            component_config(role_source(self.cfg.roles[role]), self.cfg.roles[role].subfolder)["text_dim"]
+        )
+        return adapter
 
     def adapter_kwargs(self, role: str) -> dict:
         """:attr:`adapter_class`'s arguments for ``role``'s model, from its configs (no weights)."""
