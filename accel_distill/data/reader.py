@@ -183,8 +183,10 @@ class Reader:
             f, source = self._file(g.file)
             if where.remote:  # one coalesced range request for the columns of this group
                 source.prefetch(column_ranges(self.s._metadata[g.file].row_group(g.index), self.columns))
-            # a local group is decoded in this thread (a pool hand-off costs more than it saves per group)
-            table = f.read_row_group(g.index, columns=self.columns, use_threads=where.remote)
+            # decoded in this thread: a pool hand-off costs more than it saves per group, and pyarrow pool
+            # threads still decoding a Python-file (Hub) group at interpreter exit abort the process
+            # ("terminate called without an active exception")
+            table = f.read_row_group(g.index, columns=self.columns, use_threads=False)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"cannot read row group {g.index} of {where}: {e}") from e
         except Exception as e:  # a Hub read fails with huggingface_hub / httpx errors
