@@ -32,6 +32,7 @@ from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
+from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pipeline
 from accel_distill.families.wan import WanEncoder, component_config, role_source
 from accel_distill.noise import DDPMVPrediction
 from accel_distill.precision import half_dtype_for
@@ -69,34 +70,16 @@ class CogVideoXEncoder:
     @property
     def vae(self):
         if self._vae is None:
-            from diffusers import AutoencoderKLCogVideoX
-
-            try:
-                vae = AutoencoderKLCogVideoX.from_pretrained(
-                    self.source, subfolder="vae", revision=self.revision, dtype=self.dtype
-                )
-            except OSError as e:
-                raise ConfigError(f"--model {self.source}: cannot load the VAE ({str(e).splitlines()[0]})") from None
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._vae = load_frozen_vae("AutoencoderKLCogVideoX", self.source, **kw)
         return self._vae
 
     @property
     def pipe(self):
         """A CogVideoXPipeline holding only the tokenizer and the T5 encoder."""
         if self._pipe is None:
-            from diffusers import CogVideoXPipeline
-
-            try:
-                pipe = CogVideoXPipeline.from_pretrained(
-                    self.source, transformer=None, vae=None, revision=self.revision, dtype=self.dtype
-                )
-            except (OSError, ValueError) as e:
-                raise ConfigError(
-                    f"--model {self.source}: cannot load the text encoder ({str(e).splitlines()[0]})"
-                ) from None
-            pipe.set_progress_bar_config(disable=True)
-            pipe.text_encoder.to(self.device).eval().requires_grad_(False)
-            self._pipe = pipe
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._pipe = load_text_pipeline("CogVideoXPipeline", self.source, without=("transformer", "vae"), **kw)
         return self._pipe
 
     @torch.no_grad()

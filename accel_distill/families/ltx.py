@@ -36,6 +36,7 @@ from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
+from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pipeline
 from accel_distill.families.wan import WanEncoder, WanFamily, component_config, role_source
 from accel_distill.noise import RectifiedFlow
 from accel_distill.registry import register_family
@@ -177,34 +178,16 @@ class LTXEncoder:
     @property
     def vae(self):
         if self._vae is None:
-            from diffusers import AutoencoderKLLTXVideo
-
-            try:
-                vae = AutoencoderKLLTXVideo.from_pretrained(
-                    self.source, subfolder="vae", revision=self.revision, dtype=self.dtype
-                )
-            except OSError as e:
-                raise ConfigError(f"--model {self.source}: cannot load the VAE ({str(e).splitlines()[0]})") from None
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._vae = load_frozen_vae("AutoencoderKLLTXVideo", self.source, **kw)
         return self._vae
 
     @property
     def pipe(self):
         """An LTXPipeline holding only the tokenizer and the T5 encoder."""
         if self._pipe is None:
-            from diffusers import LTXPipeline
-
-            try:
-                pipe = LTXPipeline.from_pretrained(
-                    self.source, transformer=None, vae=None, revision=self.revision, dtype=self.dtype
-                )
-            except (OSError, ValueError) as e:
-                raise ConfigError(
-                    f"--model {self.source}: cannot load the text encoder ({str(e).splitlines()[0]})"
-                ) from None
-            pipe.set_progress_bar_config(disable=True)
-            pipe.text_encoder.to(self.device).eval().requires_grad_(False)
-            self._pipe = pipe
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._pipe = load_text_pipeline("LTXPipeline", self.source, without=("transformer", "vae"), **kw)
         return self._pipe
 
     @torch.no_grad()

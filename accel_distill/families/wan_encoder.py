@@ -9,6 +9,7 @@ from functools import lru_cache
 import torch
 
 from accel_distill.errors import ConfigError
+from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pipeline
 
 
 @lru_cache(maxsize=16)
@@ -63,39 +64,18 @@ class WanEncoder:
     @property
     def vae(self):
         if self._vae is None:
-            from diffusers import AutoencoderKLWan
-
-            try:
-                vae = AutoencoderKLWan.from_pretrained(
-                    self.source, subfolder="vae", revision=self.revision, dtype=self.dtype
-                )
-            except OSError as e:
-                raise ConfigError(f"--model {self.source}: cannot load the VAE ({str(e).splitlines()[0]})") from None
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._vae = load_frozen_vae("AutoencoderKLWan", self.source, **kw)
         return self._vae
 
     @property
     def pipe(self):
         """A WanPipeline holding only the tokenizer and the text encoder."""
         if self._pipe is None:
-            from diffusers import WanPipeline
-
-            try:
-                pipe = WanPipeline.from_pretrained(
-                    self.source,
-                    transformer=None,
-                    transformer_2=None,
-                    vae=None,
-                    revision=self.revision,
-                    dtype=self.dtype,
-                )
-            except (OSError, ValueError) as e:
-                raise ConfigError(
-                    f"--model {self.source}: cannot load the text encoder ({str(e).splitlines()[0]})"
-                ) from None
-            pipe.set_progress_bar_config(disable=True)
-            pipe.text_encoder.to(self.device).eval().requires_grad_(False)
-            self._pipe = pipe
+            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
+            self._pipe = load_text_pipeline(
+                "WanPipeline", self.source, without=("transformer", "transformer_2", "vae"), **kw
+            )
         return self._pipe
 
     # -- encoding -------------------------------------------------------------------------
