@@ -20,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from accel_distill.checkpoint import save_adapters_only
 from accel_distill.config.schema import RunConfig
 from accel_distill.data import LatentStream
-from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp
+from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp, own_wrap_classes
 from accel_distill.errors import ConfigError, UserError
 from accel_distill.families.base import Family, ModelAdapter
 from accel_distill.methods.base import DistillMethod
@@ -159,14 +159,14 @@ def add_auxiliary(cfg: RunConfig, method: DistillMethod, acc: Accelerator) -> No
     wanted = tuple(type(method).auxiliary_names(cfg))
     if tuple(built) != wanted:
         raise ValueError(f"method {method.name!r} built auxiliary networks {list(built)} but declared {list(wanted)}")
-    o = {k: getattr(cfg.training, k) for k in ("learning_rate", "betas", "weight_decay", "adam_epsilon")}
-    o.update(lr_scheduler=cfg.training.lr_scheduler, lr_warmup_steps=cfg.training.lr_warmup_steps)
     for name, module in built.items():
+        o = type(method).auxiliary_settings(cfg, name)
         module = apply_trainable(module.to(acc.device), True)
-        handle = RoleHandle(name, {name: module}, True, torch.float32, max_grad_norm=cfg.training.max_grad_norm)
-        module, handle.optimizers[name], handle.lr_schedulers[name] = prepare_trainable(
-            acc, module, o, type(method).optimizer_steps(cfg, name)
-        )
+        handle = RoleHandle(name, {name: module}, True, torch.float32, max_grad_norm=o["max_grad_norm"])
+        with own_wrap_classes(acc, module):  # the plugin's block class (WanTransformerBlock) is not in it
+            module, handle.optimizers[name], handle.lr_schedulers[name] = prepare_trainable(
+                acc, module, o, type(method).optimizer_steps(cfg, name)
+            )
         handle.modules[name] = module
         method.bundle.roles[name] = handle
 

@@ -11,6 +11,9 @@ and receive their shards, so N ranks do not each hold a full 14B copy in host RA
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -37,6 +40,25 @@ def disable_accelerate_rank0_loading(acc: Accelerator) -> None:
             main_process_only=True,
         )
         plugin.cpu_ram_efficient_loading = False
+
+
+@contextlib.contextmanager
+def own_wrap_classes(acc: Accelerator, module: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP, let ``prepare`` wrap ``module`` per its own ``_no_split_modules`` (none: the root alone).
+
+    The accelerate plugin names the model's block class (``WanTransformerBlock``) for every prepare
+    call, and refuses a module without it -- a method's small auxiliary network, say.
+    """
+    plugin = acc.state.fsdp_plugin if is_fsdp(acc) else None
+    if plugin is None:
+        yield
+        return
+    saved = plugin.transformer_cls_names_to_wrap
+    plugin.transformer_cls_names_to_wrap = list(getattr(module, "_no_split_modules", None) or [])
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = saved
 
 
 def share_dtypes_from_rank0(module: torch.nn.Module) -> None:

@@ -8,6 +8,7 @@ conversions), so a method never touches a model's call signature.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Protocol
@@ -88,22 +89,31 @@ class ModelAdapter(ABC):
         high = t >= self.boundary_timestep
         return [("transformer", high), ("transformer_2", ~high)]
 
-    def predict(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The role's native prediction in float32, each sample from the expert its timestep selects."""
+    def _routed(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, call) -> list:
+        """``call(module, x_t, t, cond) -> [tensor, ...]`` (batch-first) run on the expert each sample's timestep
+        selects, the outputs reassembled in batch order, in float32."""
         routes = self.experts(role, t)
         if len(routes) == 1:
-            return self._forward(role.modules[routes[0][0]], role.dtype, x_t, t, cond).float()
-        out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
+            return [o.float() for o in call(role.modules[routes[0][0]], x_t, t, cond)]
+        outs, zero = None, None
         for key, mask in routes:
             index = mask.nonzero().squeeze(1)  # one host sync per routed call (two-expert roles only)
             if index.numel() > 0:
-                pred = self._forward(role.modules[key], role.dtype, x_t[index], t[index], cond_index(cond, index))
-                out.index_copy_(0, index, pred.float())
+                parts = call(role.modules[key], x_t[index], t[index], cond_index(cond, index))
+                if outs is None:
+                    outs = [p.new_empty((x_t.shape[0], *p.shape[1:]), dtype=torch.float32) for p in parts]
+                for o, p in zip(outs, parts):
+                    o.index_copy_(0, index, p.float())
             elif self.lockstep:  # keep collectives aligned: one sample, contributing 0
                 first = torch.zeros(1, dtype=torch.long, device=x_t.device)
-                pred = self._forward(role.modules[key], role.dtype, x_t[:1], t[:1], cond_index(cond, first))
-                out = out + 0.0 * pred.float().sum()
-        return out
+                parts = call(role.modules[key], x_t[:1], t[:1], cond_index(cond, first))
+                z = sum(0.0 * p.float().sum() for p in parts)
+                zero = z if zero is None else zero + z
+        return outs if zero is None else [o + zero for o in outs]
+
+    def predict(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The role's native prediction in float32, each sample from the expert its timestep selects."""
+        return self._routed(role, x_t, t, cond, lambda m, x, tt, c: [self._forward(m, role.dtype, x, tt, c)])[0]
 
     def predict_x0(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.noise.to_x0(self.predict(role, x_t, t, cond), x_t, t)
@@ -130,6 +140,49 @@ class ModelAdapter(ABC):
 
     def predict_x0_cfg(self, role, x_t, t, cond, neg, guidance_scale: float) -> torch.Tensor:
         return self.noise.to_x0(self.predict_cfg(role, x_t, t, cond, neg, guidance_scale), x_t, t)
+
+    # --- feature tap ----------------------------------------------------------------
+    def feature_blocks(self, module: torch.nn.Module) -> torch.nn.ModuleList:
+        """The network's repeated transformer blocks, in order (diffusers names them ``blocks`` or
+        ``transformer_blocks``); :meth:`features` taps their outputs."""
+        for name in ("blocks", "transformer_blocks"):
+            blocks = getattr(module, name, None)
+            if isinstance(blocks, torch.nn.ModuleList):
+                return blocks
+        raise ValueError(f"{type(module).__name__} has no transformer blocks to tap (blocks / transformer_blocks)")
+
+    def feature_width(self, module: torch.nn.Module) -> int:
+        """The width of the hidden states :meth:`features` returns (diffusers: heads x head dim)."""
+        c = module.config
+        return int(c.num_attention_heads * c.attention_head_dim)
+
+    def features(
+        self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, blocks: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """The hidden states ``[B, tokens, width]`` (float32) after each of ``blocks`` (0-based) in one forward
+        of the role's network at ``(x_t, t, cond)``; gradients flow through them to ``x_t``.
+
+        Forward hooks on the blocks, removed right after the forward (a gradient-checkpointed block's
+        recomputation in backward never reaches them); the whole network runs (sharded models need
+        every rank to run every block).
+        """
+
+        def call(module, x, tt, c):
+            found: dict[int, torch.Tensor] = {}
+            layers = self.feature_blocks(module)
+
+            def keep(i, _module, _args, out):
+                found.setdefault(i, out[0] if isinstance(out, tuple) else out)
+
+            hooks = [layers[i].register_forward_hook(functools.partial(keep, i)) for i in set(blocks)]
+            try:
+                self._forward(module, role.dtype, x, tt, c)
+            finally:
+                for h in hooks:
+                    h.remove()
+            return [found[i] for i in blocks]
+
+        return self._routed(role, x_t, t, cond, call)
 
     # --- latents --------------------------------------------------------------------
     def normalize_latents(self, raw: torch.Tensor) -> torch.Tensor:
@@ -202,6 +255,12 @@ class Family(ABC):
         model's own scheduler config) reads it from ``cfg``'s roles.
         """
         return cls.noise_class.fit_few_step(steps, key=key, tolerance=tolerance, kind=kind)
+
+    @classmethod
+    def feature_block_count(cls, cfg: RunConfig, role: str) -> int | None:
+        """How many transformer blocks ``role``'s network has (the feature tap's range), from the config alone;
+        None when only the loaded model can tell (then it is checked at load time)."""
+        return None
 
     @classmethod
     def extra_tensor_columns(cls, cfg: RunConfig) -> tuple[str, ...]:

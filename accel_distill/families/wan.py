@@ -154,6 +154,10 @@ class WanFamily(Family):
         return ["transformer", "transformer_2"] if two else ["transformer"]
 
     @classmethod
+    def feature_block_count(cls, cfg: RunConfig, role: str) -> int:
+        return int(role_transformer_config(cfg, role)["num_layers"])
+
+    @classmethod
     def validate_config(cls, cfg: RunConfig) -> None:
         experts = {}
         for role, rc in cfg.roles.items():

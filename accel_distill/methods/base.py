@@ -16,7 +16,9 @@ import torch
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.families.base import Conditioning, ModelAdapter
+from accel_distill.registry import FAMILIES
 from accel_distill.roles import ModelBundle, RoleHandle
+from accel_distill.schedule import StockSchedule
 
 
 def derived_seed(*parts: int) -> int:
@@ -53,6 +55,24 @@ class SampleNoise:
 
     def randint(self, high: int) -> torch.Tensor:
         return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.gens])
+
+
+def student_schedule(cfg: RunConfig, steps_key: str, tolerance: float) -> StockSchedule:
+    """The stock schedule of a few-step student's timesteps ``method_config.<steps_key>``, fitted by the family:
+    the student trains at exactly its timesteps and the export's scheduler config reproduces them."""
+    return FAMILIES[cfg.recipe.family].few_step_schedule(
+        cfg,
+        getattr(cfg.method_config, steps_key),
+        key=f"{cfg.source}: method_config.{steps_key}",
+        tolerance=tolerance,
+        kind=cfg.pipeline_config.sampler_kind,
+    )
+
+
+def describe_schedule(schedule: StockSchedule) -> str:
+    """``student timesteps [...] (<kind> sampler)``, for a few-step method's ``--dry-run`` lines."""
+    steps = ", ".join(f"{t:.1f}" for t in schedule.timesteps)
+    return f"student timesteps [{steps}] ({schedule.kind} sampler)"
 
 
 class DistillMethod(ABC):
@@ -109,6 +129,12 @@ class DistillMethod(ABC):
         return True
 
     @classmethod
+    def extra_tensor_columns(cls, cfg: RunConfig) -> dict[str, str]:
+        """Per-row tensors the method reads from the data besides the family's (e.g. teacher trajectories):
+        ``{name: why}``, the reason the one-line error for a missing column gives."""
+        return {}
+
+    @classmethod
     def needs_negative_conditioning(cls, cfg: RunConfig) -> bool:
         """Whether the method uses the unconditional (negative-prompt) embedding."""
         return False
@@ -124,10 +150,23 @@ class DistillMethod(ABC):
         from the config alone: they are checkpointed under these names, after the configured roles."""
         return ()
 
+    @classmethod
+    def auxiliary_settings(cls, cfg: RunConfig, name: str) -> dict:
+        """Optimizer, LR-schedule and clipping settings of auxiliary network ``name`` (the keys of
+        :meth:`RunConfig.role_defaults`): ``training``'s by default."""
+        t = cfg.training
+        keys = ("learning_rate", "betas", "weight_decay", "adam_epsilon", "lr_scheduler", "lr_warmup_steps")
+        return {**{k: getattr(t, k) for k in keys}, "max_grad_norm": t.max_grad_norm}
+
+    def build_callbacks(self) -> list:
+        """The method's own callbacks (e.g. the EMA of a consistency target), run and checkpointed by name
+        with the run's: the trainer steps, saves and restores them without knowing what they are."""
+        return []
+
     def build_auxiliary(self) -> dict[str, torch.nn.Module]:
         """The method's own trainable networks by name (:meth:`auxiliary_names`), built after the roles.
 
-        The runner gives each an AdamW with ``training``'s optimizer settings and its LR schedule,
+        The runner gives each an AdamW with :meth:`auxiliary_settings` and its LR schedule,
         prepares it like a role, and adds it to the bundle as a trainable role of that name: the
         trainer then clips, steps, checkpoints and resumes it without knowing what it is.
         """

@@ -13,6 +13,13 @@ classifier-free guidance in diffusers' convention,
 writes ``v_cond + g' (v_cond - v_neg)``, so its g' = our g - 1.
 On student-update iterations the critic reuses that same (detached) student
 sample instead of running a second rollout.
+
+GAN head (``gan_feature_blocks``, DMD2 paper sec. 4.3, FastGen): a discriminator on the
+frozen teacher's hidden states (``methods/gan.py``). On student-update iterations the
+student adds ``gan_generator_weight * softplus(-D(f(noised x0)))``; the discriminator
+trains on the critic-only iterations (DMD2's two time-scale update: it steps with the
+fake score, never while the student's term reaches it) on noised data latents against
+noised student samples at the same timestep and noise.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch.nn.functional as F
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range, fail
 from accel_distill.families.base import Conditioning, cond_batch_size
-from accel_distill.methods.base import DistillMethod, SampleNoise
+from accel_distill.methods.base import DistillMethod, SampleNoise, describe_schedule, student_schedule
+from accel_distill.methods.gan import DISCRIMINATOR, GANHead, check_feature_blocks
 from accel_distill.registry import FAMILIES, register_method
 from accel_distill.schedule import StockSchedule
 
@@ -52,6 +60,16 @@ class DMD2Config:
     shift_score_timesteps: bool = True
     # How far (in timestep units) the exported scheduler may miss a requested step.
     step_tolerance: float = 1.0
+    # GAN head: a discriminator on the frozen teacher's hidden states after these blocks (0-based;
+    # empty: no GAN). FastGen taps Wan 1.3B at [15, 22, 29] (of 30), 14B at [21, 30, 39]. Needs data latents.
+    gan_feature_blocks: list[int] = field(default_factory=list)
+    # Weight of softplus(-D(fake)) in the student's loss: FastGen 0.001 by default, 0.03 for Wan.
+    gan_generator_weight: float = 0.001
+    # Approximate R1 (FastGen): weight x mean((D(x_real) - D(x_real + sigma eps))^2); 0 turns it off.
+    gan_r1_weight: float = 0.0
+    gan_r1_sigma: float = 0.1
+    # Hidden width of each discriminator head's MLP.
+    gan_head_width: int = 256
 
 
 def dmd_gradient(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
@@ -91,6 +109,8 @@ class DMD2Method(DistillMethod):
         check_range(src, "method_config.min_timestep_ratio", c.min_timestep_ratio, 0.0, 1.0)
         check_range(src, "method_config.max_timestep_ratio", c.max_timestep_ratio, 0.0, 1.0)
         check_range(src, "method_config.step_tolerance", c.step_tolerance, 0.0)
+        if c.gan_feature_blocks:
+            cls.validate_gan(cfg)
         if c.min_timestep_ratio >= c.max_timestep_ratio:
             fail(
                 src,
@@ -100,25 +120,49 @@ class DMD2Method(DistillMethod):
         cls.schedule_from(cfg)
 
     @classmethod
+    def validate_gan(cls, cfg: RunConfig) -> None:
+        c, src = cfg.method_config, cfg.source
+        key = "method_config.gan_feature_blocks"
+        count = FAMILIES[cfg.recipe.family].feature_block_count(cfg, "teacher")
+        check_feature_blocks(cfg, key, c.gan_feature_blocks, count, "teacher")
+        if c.generator_update_interval < 2:
+            fail(
+                src,
+                key,
+                "the discriminator trains on the critic-only iterations, which generator_update_interval 1 "
+                "leaves none of; set method_config.generator_update_interval to 2 or more",
+            )
+        check_range(src, "method_config.gan_generator_weight", c.gan_generator_weight, 0.0)
+        check_range(src, "method_config.gan_r1_weight", c.gan_r1_weight, 0.0)
+        check_range(src, "method_config.gan_r1_sigma", c.gan_r1_sigma, 0.0)
+        check_range(src, "method_config.gan_head_width", c.gan_head_width, 1)
+
+    @classmethod
     def schedule_from(cls, cfg: RunConfig) -> StockSchedule:
-        c = cfg.method_config
-        return FAMILIES[cfg.recipe.family].few_step_schedule(
-            cfg,
-            c.dmd_denoising_steps,
-            key=f"{cfg.source}: method_config.dmd_denoising_steps",
-            tolerance=c.step_tolerance,
-            kind=cfg.pipeline_config.sampler_kind,
-        )
+        return student_schedule(cfg, "dmd_denoising_steps", cfg.method_config.step_tolerance)
 
     @classmethod
     def needs_latents(cls, cfg: RunConfig) -> bool:
-        return cfg.method_config.rollout_mode == "data"
+        # the GAN head's real samples are data latents, whatever the rollout
+        return cfg.method_config.rollout_mode == "data" or bool(cfg.method_config.gan_feature_blocks)
 
     @classmethod
     def optimizer_steps(cls, cfg: RunConfig, role: str) -> int:
+        student_steps = -(-cfg.training.max_train_steps // cfg.method_config.generator_update_interval)
         if role == "student":  # iterations 0, k, 2k, ... below max_train_steps
-            return -(-cfg.training.max_train_steps // cfg.method_config.generator_update_interval)
+            return student_steps
+        if role == DISCRIMINATOR:  # the others
+            return cfg.training.max_train_steps - student_steps
         return cfg.training.max_train_steps
+
+    @classmethod
+    def auxiliary_names(cls, cfg: RunConfig) -> tuple[str, ...]:
+        return (DISCRIMINATOR,) if cfg.method_config.gan_feature_blocks else ()
+
+    @classmethod
+    def auxiliary_settings(cls, cfg: RunConfig, name: str) -> dict:
+        """The discriminator trains alongside the fake score, with its optimizer settings."""
+        return cfg.role_defaults("critic")
 
     @classmethod
     def needs_negative_conditioning(cls, cfg: RunConfig) -> bool:
@@ -126,26 +170,45 @@ class DMD2Method(DistillMethod):
 
     @classmethod
     def describe(cls, cfg: RunConfig) -> list[str]:
-        c, s = cfg.method_config, cls.schedule_from(cfg)
-        steps = ", ".join(f"{t:.1f}" for t in s.timesteps)
-        return [
-            f"dmd2: {c.rollout_mode} rollout, student timesteps [{steps}] ({cfg.pipeline_config.sampler_kind} sampler)",
+        c = cfg.method_config
+        lines = [
+            f"dmd2: {c.rollout_mode} rollout, {describe_schedule(cls.schedule_from(cfg))}",
             f"dmd2: critic every iteration, student every {c.generator_update_interval}, "
             f"teacher CFG {c.real_score_guidance_scale} (v_neg + g (v_cond - v_neg))",
         ]
+        if c.gan_feature_blocks:
+            lines.append(
+                f"dmd2: GAN head on teacher blocks {c.gan_feature_blocks}, generator weight {c.gan_generator_weight}, "
+                f"approximate R1 {c.gan_r1_weight}; discriminator on the critic-only iterations (critic's optimizer)"
+            )
+        return lines
 
     def __init__(self, bundle, adapter, cfg, **kwargs):
         super().__init__(bundle, adapter, cfg, **kwargs)
         self.schedule = self.schedule_from(cfg)
         self.timesteps = torch.tensor(self.schedule.timesteps, dtype=torch.float32, device=self.device)
         self.sampler_kind = cfg.pipeline_config.sampler_kind
+        c = self.config
+        self.gan = (
+            GANHead(bundle, adapter, c.gan_feature_blocks, r1_weight=c.gan_r1_weight, r1_sigma=c.gan_r1_sigma)
+            if c.gan_feature_blocks
+            else None
+        )
+
+    def build_auxiliary(self) -> dict[str, torch.nn.Module]:
+        if self.gan is None:
+            return {}
+        key = "method_config.gan_feature_blocks"
+        return {DISCRIMINATOR: self.gan.build(self.cfg, key, self.config.gan_head_width, self.seed)}
 
     # --- schedule ---------------------------------------------------------------------
     def updates_student(self, iteration: int) -> bool:
         return iteration % self.config.generator_update_interval == 0
 
     def updating_roles(self, iteration: int) -> list[str]:
-        return ["student", "critic"] if self.updates_student(iteration) else ["critic"]
+        if self.updates_student(iteration):
+            return ["student", "critic"]
+        return ["critic", DISCRIMINATOR] if self.gan is not None else ["critic"]
 
     def export_schedule(self) -> StockSchedule:
         return self.schedule
@@ -220,8 +283,19 @@ class DMD2Method(DistillMethod):
             outputs.update(extra)
             losses["dmd_loss"] = dmd.detach()
             total = total + dmd
+            if self.gan is not None:
+                gen = self.gan.generator_loss(x0, cond, self.score_timesteps(rng), rng.randn_like(x0))
+                losses["gan_generator_loss"] = gen.detach()
+                total = total + self.config.gan_generator_weight * gen
         critic = self.critic_loss(x0, cond, rng)  # reuses this iteration's student sample
         losses["critic_loss"] = critic.detach()
+        if self.gan is not None and not update_student:
+            real = self.adapter.normalize_latents(batch["latents"])
+            disc, parts = self.gan.discriminator_loss(
+                x0, real, cond, self.score_timesteps(rng), rng.randn_like(real), rng
+            )
+            losses.update(parts)
+            total = total + disc
         losses["total_loss"] = total + critic
         outputs["student_x0"] = x0.detach()
         return losses, outputs
