@@ -31,7 +31,8 @@ class EMACallback(Callback):
 
     name = "ema"
 
-    def __init__(self, bundle: ModelBundle, specs: dict[str, EMASpec]):
+    def __init__(self, bundle: ModelBundle, specs: dict[str, EMASpec], *, name: str = "ema"):
+        self.name = name  # its checkpoint key: a method's own EMA (a consistency target) has another
         self.bundle, self.specs = bundle, specs
         self.emas: dict[str, EMAModel] = {}
         self.role_units: dict[str, list[str]] = {}
@@ -64,7 +65,7 @@ class EMACallback(Callback):
         for unit in stepped:
             if unit in self.emas:
                 self.emas[unit].step(self.parameters(unit))
-                metrics[f"ema_decay/{unit}"] = float(self.emas[unit].cur_decay_value or 0.0)
+                metrics[f"{self.name}_decay/{unit}"] = float(self.emas[unit].cur_decay_value or 0.0)
         return metrics
 
     @contextlib.contextmanager

@@ -50,6 +50,7 @@ def build_callbacks(cfg: RunConfig, rt: Runtime) -> list[Callback]:
     rt.method.ema = ema  # reachable from the method (e.g. an EMA target network)
     if ema is not None:
         callbacks.append(ema)
+    callbacks.extend(rt.method.build_callbacks())  # method-owned state (a consistency target's EMA, ...)
     if cfg.training.log_validation:
         from accel_distill.validation import ValidationCallback
 

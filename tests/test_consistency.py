@@ -1,0 +1,169 @@
+"""Consistency distillation: its loss and targets on hand-built tensors, the EMA target's schedule,
+and train -> exact resume -> export -> stock WanPipeline sampling on the tiny Wan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import base_config, write_config
+from safetensors.torch import load_file
+
+from accel_distill.builder import build_runtime
+from accel_distill.config import load_config
+from accel_distill.errors import ConfigError
+from accel_distill.methods.consistency import TARGET, consistency_loss, timestep_grid
+from accel_distill.noise import RectifiedFlow
+from accel_distill.run import build_callbacks, train
+from accel_distill.sampling import few_step_sample
+from accel_distill.schedule import fit_few_step_schedule
+
+
+def cd_config(tmp_path, tiny_wan, tiny_teacher, data, out, **method_config) -> dict:
+    cfg = base_config("finetune", tiny_wan, tiny_teacher, data, out)
+    cfg["recipe"]["method"] = "consistency"
+    cfg["roles"]["teacher"] = {"path": str(tiny_teacher), "trainable": False}
+    cfg["method_config"] = {"num_discretization_steps": 8, "guidance_scale": 3.0, "target_ema_start": 1}
+    cfg["method_config"].update({"target_ema_decay": 0.5, **method_config})
+    cfg["training"].update(learning_rate=1e-3)
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["l2", "huber"])
+def test_loss_gradient_reaches_the_student_only(kind):
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 1, 2, 2, generator=gen, requires_grad=True)
+    target = torch.randn(2, 3, 1, 2, 2, generator=gen, requires_grad=True)  # a live graph, cut by the loss
+    loss = consistency_loss(pred, target, kind, c=0.1)
+    g_pred, g_target = torch.autograd.grad(loss, [pred, target], allow_unused=True)
+    assert g_target is None
+    d = (pred - target).detach()
+    expected = 2 * d / d.numel() if kind == "l2" else d / ((d**2 + 0.01).sqrt() * d.numel())
+    torch.testing.assert_close(g_pred, expected)
+
+
+def test_grid_spans_clean_to_pure_noise_in_the_shifted_time():
+    flow = RectifiedFlow(3.0)
+    grid = timestep_grid(flow, 4, torch.device("cpu"))
+    s = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    torch.testing.assert_close(grid, 1000 * 3 * s / (1 + 2 * s))
+    assert grid[0] == 0 and grid[-1] == 1000
+
+
+@pytest.fixture
+def runtime(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
+    rt = build_runtime(load_config(str(write_config(tmp_path / "run.yaml", cfg))))
+    build_callbacks(rt.method.cfg, rt)
+    return rt
+
+
+def test_teacher_takes_one_cfg_euler_step_and_the_boundary_target_is_its_result(runtime, monkeypatch):
+    method, adapter = runtime.method, runtime.adapter
+    batch = next(iter(runtime.stream))
+    cond = adapter.conditioning(batch)
+    x = torch.randn(2, 16, 2, 4, 4)
+    t, t_prev = method.grid[[3, 1]], method.grid[[2, 0]]
+    with torch.no_grad():
+        v = adapter.predict_cfg(runtime.bundle["teacher"], x, t, cond, method.negative(cond), 3.0)
+        x_hat = method.teacher_step(x, t, t_prev, cond)
+        sig = lambda s: (s / 1000).view(-1, 1, 1, 1, 1)  # noqa: E731
+        torch.testing.assert_close(x_hat, x + (sig(t_prev) - sig(t)) * v)  # Euler, sigma_{n-1} - sigma_n
+        target = method.target_x0(x_hat, t_prev, cond)
+    torch.testing.assert_close(target[1], x_hat[1])  # t_0 = 0: f(x, 0) = x
+    # away from the boundary: the target network's x0 (here the EMA, equal to the student at the start)
+    with torch.no_grad():
+        student_x0 = adapter.predict_x0(runtime.bundle["student"], x_hat, t_prev, cond)
+    torch.testing.assert_close(target[0], student_x0[0])
+
+
+def test_target_swaps_in_the_ema_and_restores_the_student(runtime):
+    method, student = runtime.method, runtime.bundle["student"].transformer
+    before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    ema = method.target.emas["student"]
+    with torch.no_grad():
+        for s in ema.shadow_params:
+            s.add_(0.1)  # a target different from the student
+    batch = next(iter(runtime.stream))
+    cond = runtime.adapter.conditioning(batch)
+    x, t = torch.randn(2, 16, 2, 4, 4), method.grid[[5, 6]]
+    with torch.no_grad():
+        target = method.target_x0(x, t, cond)
+        online = runtime.adapter.predict_x0(runtime.bundle["student"], x, t, cond)
+    assert not torch.allclose(target, online)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    losses, _ = method.train_step(batch, 0)
+    losses["total_loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in runtime.bundle["teacher"].transformer.parameters())
+
+
+def test_train_resume_export_and_stock_pipeline_sampling(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    """4 iterations straight == 2 + resume + 2 (student, optimizer and the target EMA); the export is a
+    3-step student that stock WanPipeline samples at the trained timesteps, equal to our sampler."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, straight)
+    cfg["training"].update(max_train_steps=4, checkpointing_steps=2, lr_scheduler="cosine")
+    path = write_config(tmp_path / "run.yaml", cfg)
+    train(load_config(str(path)))
+    ckpt = straight / "checkpoints" / "checkpoint-2"
+    train(load_config(str(path), [f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt}"]))
+
+    def rows(out):
+        lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
+        return {r["iteration"]: {k: v for k, v in r.items() if k != "step_time"} for r in map(json.loads, lines)}
+
+    a, b = rows(straight), rows(resumed)
+    assert sorted(b) == [3, 4] and {i: a[i] for i in b} == b
+    assert [a[i][f"{TARGET}_decay/student"] for i in (1, 2, 3, 4)] == [0.0, 0.0, 0.5, 0.5]  # constant once started
+    shadows = [
+        torch.load(out / "checkpoints" / "checkpoint-4" / "shared_state.pt", weights_only=False)["callbacks"][TARGET]
+        for out in (straight, resumed)
+    ]
+    assert shadows[0]["student"]["optimization_step"] == 4
+    assert all(torch.equal(x, y) for x, y in zip(shadows[0]["student"]["shadow"], shadows[1]["student"]["shadow"]))
+    exported = load_file(straight / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    again = load_file(resumed / "export" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], again[k]) for k in exported)
+    info = json.loads((straight / "export" / "accel_distill_export.json").read_text())
+    assert info["method"] == "consistency" and info["scheduler"]["class"] == "FlowMatchLCMScheduler"
+
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(straight / "export")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+    embeds = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    stock = pipe(
+        prompt_embeds=embeds,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        height=32,
+        width=32,
+        num_frames=5,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
+    schedule = fit_few_step_schedule([1000, 757, 522], kind="sde")
+    assert seen == list(schedule.timesteps)
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    with torch.no_grad():
+        ours = few_step_sample(
+            lambda x, t: pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds)[0],
+            schedule,
+            noise,
+        )
+    assert torch.equal(ours, stock)
+
+
+def test_bad_consistency_settings_name_the_key(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out", target_ema_decay=1.5)
+    with pytest.raises(ConfigError, match=r"method_config.target_ema_decay: must be in \[0.0, 1.0\], got 1.5"):
+        load_config(str(write_config(tmp_path / "a.yaml", cfg)))
+    cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
+    del cfg["roles"]["teacher"]
+    with pytest.raises(ConfigError, match="roles.teacher: missing role"):
+        load_config(str(write_config(tmp_path / "b.yaml", cfg)))
