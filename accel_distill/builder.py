@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 
 from accel_distill.checkpoint import save_adapters_only
 from accel_distill.config.schema import RunConfig
+from accel_distill.context_parallel import Parallelism, check_token_counts, enable_context_parallel, plan_parallelism
 from accel_distill.data import LatentStream
 from accel_distill.distributed import disable_accelerate_rank0_loading, fsdp_shard, is_fsdp, own_wrap_classes
 from accel_distill.errors import ConfigError, UserError
@@ -85,7 +86,9 @@ def apply_speed_switches(cfg: RunConfig, role: str, module: torch.nn.Module) -> 
         module.compile_repeated_blocks()
 
 
-def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod], acc: Accelerator) -> ModelBundle:
+def load_bundle(
+    cfg: RunConfig, family: Family, method_cls: type[DistillMethod], acc: Accelerator, par: Parallelism | None = None
+) -> ModelBundle:
     """Load every role; give trainable ones an AdamW + LR schedule and wrap them with accelerate."""
     bundle = ModelBundle()
     fsdp = is_fsdp(acc)
@@ -102,6 +105,8 @@ def load_bundle(cfg: RunConfig, family: Family, method_cls: type[DistillMethod],
             modules = {k: apply_trainable(m, rc.trainable) for k, m in loaded.items()}
         for m in modules.values():
             apply_speed_switches(cfg, name, m)
+            if par is not None and par.enabled:  # after the attention backend, before sharding / prepare
+                enable_context_parallel(m, par)
         if fsdp and not rc.trainable:  # sharded like a prepared role, but outside prepare/save_state
             modules = {k: fsdp_shard(acc, m, from_rank0=from_rank0) for k, m in modules.items()}
         o = cfg.role_defaults(name)
@@ -198,22 +203,40 @@ def load_negative(cfg: RunConfig, family: Family, acc: Accelerator) -> torch.Ten
     return encode_cached(family, source, [p.negative_prompt], p.text_max_length, acc, cache)[0]
 
 
-def make_stream(cfg: RunConfig, method_cls: type[DistillMethod], adapter: ModelAdapter, acc: Accelerator):
+def make_stream(
+    cfg: RunConfig,
+    method_cls: type[DistillMethod],
+    adapter: ModelAdapter,
+    acc: Accelerator,
+    par: Parallelism | None = None,
+):
     t = cfg.training
+    par = par or Parallelism(acc.num_processes, acc.process_index)
     return LatentStream(
         t.data_path,
         batch_size=t.train_batch_size,
         seed=t.seed,
         shuffle=t.shuffle,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
+        # split by data-parallel rank: the ranks of a context-parallel group read the same samples
+        rank=par.dp_rank,
+        world_size=par.dp_size,
         text_max_length=cfg.pipeline_config.text_max_length,
         require_latents=method_cls.needs_latents(cfg),
         expected_latent_channels=adapter.latent_channels,
         # the text encoder width the transformer takes; an adapter without it skips the check
         expected_text_dim=getattr(adapter, "text_dim", None),
-        # the family's conditioning tensors besides text (first-frame latents, image embeddings, ...)
-        extra_tensor_columns=FAMILIES[cfg.recipe.family].extra_tensor_columns(cfg),
+        # the family's conditioning tensors besides text (first-frame latents, image embeddings, ...) and the
+        # method's own (teacher trajectories, ...), each saying what reads it (for a missing column's message)
+        extra_tensor_columns={
+            **{
+                c: f"family {cfg.recipe.family!r} reads {c!r}"
+                for c in FAMILIES[cfg.recipe.family].extra_tensor_columns(cfg)
+            },
+            **method_cls.extra_tensor_columns(cfg),
+        },
+        # NaN/inf: the trainer tests each batch on the device within its one sync per iteration and
+        # names the file and row from the batch's row_sources (data/finite.py); no second host read
+        check_finite=False,
         prefetch=t.dataloader_num_workers,
         pin_memory=acc.device.type not in ("cpu", "mps"),  # MPS shares host memory: nothing to pin
     )
@@ -229,6 +252,7 @@ class Runtime:
     adapter: ModelAdapter
     method: DistillMethod
     stream: LatentStream
+    parallel: Parallelism | None = None  # the process layout (data x context parallel)
 
 
 def build_runtime(cfg: RunConfig) -> Runtime:
@@ -238,20 +262,25 @@ def build_runtime(cfg: RunConfig) -> Runtime:
     student_source = cfg.roles[method_cls.product_role].path
     adapter = family.make_adapter(method_cls.product_role)
     adapter.lockstep = acc.num_processes > 1  # every rank runs every expert: collectives stay aligned
-    stream = make_stream(cfg, method_cls, adapter, acc)
-    neg = load_negative(cfg, family, acc) if method_cls.needs_negative_conditioning(cfg) else None
-    bundle = load_bundle(cfg, family, method_cls, acc)
-    method = method_cls(bundle, adapter, cfg, device=acc.device, neg_cond=neg)
-    add_auxiliary(cfg, method, acc)
+    par = plan_parallelism(acc, cfg)
+    stream = make_stream(cfg, method_cls, adapter, acc, par)
     p = cfg.pipeline_config
+    latent_shape = None
     if None not in (p.num_frames, p.height, p.width):
-        method.latent_shape = family.latent_shape(student_source, p.num_frames, p.height, p.width)
+        latent_shape = family.latent_shape(student_source, p.num_frames, p.height, p.width)
+        check_token_counts(cfg, [latent_shape], where="pipeline_config.num_frames/height/width")
     elif not stream.has_latents and not method_cls.needs_latents(cfg):
         raise UserError(
             f"{cfg.source}: pipeline_config.num_frames/height/width: needed for data-free rollouts "
             f"because {cfg.training.data_path} holds text only"
         )
-    return Runtime(acc, family, bundle, adapter, method, stream)
+    check_token_counts(cfg, stream.buckets, where=f"in {cfg.training.data_path}")  # before any model loads
+    neg = load_negative(cfg, family, acc) if method_cls.needs_negative_conditioning(cfg) else None
+    bundle = load_bundle(cfg, family, method_cls, acc, par)
+    method = method_cls(bundle, adapter, cfg, device=acc.device, neg_cond=neg)
+    add_auxiliary(cfg, method, acc)
+    method.latent_shape = latent_shape
+    return Runtime(acc, family, bundle, adapter, method, stream, par)
 
 
 def describe_plan(cfg: RunConfig) -> list[str]:
@@ -281,6 +310,11 @@ def describe_plan(cfg: RunConfig) -> list[str]:
     lines.append(
         f"data: {t.data_path} (shuffle={t.shuffle}, latents {'required' if method_cls.needs_latents(cfg) else 'optional'})"
     )
+    if t.context_parallel_size > 1:
+        lines.append(
+            f"context parallel: {t.context_parallel_mode} attention over groups of {t.context_parallel_size} ranks "
+            "(diffusers' _cp_plan); a group reads the same samples and draws the same noise"
+        )
     lines.append(f"checkpoints: every {t.checkpointing_steps} iterations in {t.output_dir}/checkpoints")
     lines.extend(method_cls.describe(cfg))
     return lines

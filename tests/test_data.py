@@ -161,7 +161,7 @@ def test_text_only_data_has_no_latents(tmp_path):
     write_parquet(tmp_path / "t.parquet", make_samples(4, latents=False))
     s = stream(tmp_path / "t.parquet", require_latents=False)
     batch = next(iter(s))
-    assert "latents" not in batch and set(batch) == {"text_embeds", "ids", "captions", "sample_keys"}
+    assert "latents" not in batch and set(batch) == {"text_embeds", "ids", "captions", "sample_keys", "row_sources"}
     assert batch["text_embeds"].shape == (2, 8, TEXT_DIM)
 
 

@@ -4,6 +4,7 @@ line on non-finite inputs and on width / channel mismatches before any optimizer
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,6 +128,28 @@ def test_training_stops_on_nan_text_embeddings_naming_file_and_row(tmp_path, tin
         "text embedding has 256 non-finite values (NaN or inf)"
     ), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "export").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_nan_one_rank_reads_stops_every_rank_with_its_file_and_row(tmp_path, tiny_wan):
+    """The device check's flag is reduced with the iteration's other flags; the rank holding the bad sample
+    names it and every rank (the other one too, through one gather) stops with that line, no hang."""
+    from launching import TRAIN, launch
+
+    samples = mixed_shape_samples({(16, 2, 4, 4): 4}, text_dim=32)
+    samples[2]["latent"][3, 1, 0, 0] = float("nan")
+    data = tmp_path / "d.parquet"
+    write_parquet(data, samples)
+    cfg = base_config("finetune", tiny_wan, tiny_wan, data, tmp_path / "out")
+    cfg["training"].update(max_train_steps=2, train_batch_size=1, gradient_accumulation_steps=1)
+    proc = launch(
+        "accelerate_configs/ddp8.yaml", TRAIN, "--config", str(write_config(tmp_path / "r.yaml", cfg)), check=False
+    )
+    assert proc.returncode != 0
+    line = f"error: {data} row 2 (id {samples[2]['id']!r}): latent has 1 non-finite values (NaN or inf)"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]  # one per rank
+    # the launcher's own ChildFailedError report follows; no frame of ours (our error is the one line)
+    assert not re.search(r'File "[^"]*accel_distill/', proc.stderr), proc.stderr[-4000:]
     assert not (tmp_path / "out" / "export").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
 

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from accel_distill.config.schema import TrainingConfig
+from accel_distill.errors import DataError
 from accel_distill.families.base import ModelAdapter
 from accel_distill.methods.base import DistillMethod
 from accel_distill.noise import RectifiedFlow
@@ -108,6 +109,30 @@ def test_non_finite_steps_are_skipped_and_counted(accelerator, tmp_path):
     assert not torch.equal(weights[2], weights[3])  # training goes on
     assert trainer.state.skipped_steps == 2 and trainer.state.consecutive_nonfinite == 0
     assert all(math.isfinite(v) for v in weights[-1].flatten().tolist())
+
+
+def test_a_non_finite_input_stops_before_the_update_naming_its_row(accelerator):
+    """An inf in the second micro-batch: the device flag joins the iteration's one sync, the host copy
+    names the sample (its row_sources entry), and no optimizer step runs, not even for the first one."""
+
+    def named(source):
+        for k, b in enumerate(source):
+            if k == 3:
+                b["x"] = b["x"].clone()
+                b["x"][1, 2] = float("inf")
+            yield {**b, "row_sources": [f"data.parquet row {2 * k + i}" for i in range(len(b["x"]))]}
+
+    method = Regression(accelerator)
+    trainer = Trainer(
+        accelerator, method, named(batches(2)), training(gradient_accumulation_steps=2, max_train_steps=4)
+    )
+    trainer.step()
+    before = method.bundle["student"].transformer.weight.detach().clone()
+    with pytest.raises(DataError) as e:
+        trainer.step()  # micro-batches 2 and 3
+    assert str(e.value) == "data.parquet row 7: x has 1 non-finite values (NaN or inf)"
+    assert torch.equal(method.bundle["student"].transformer.weight, before)
+    assert trainer.state.iteration == 1 and trainer.state.skipped_steps == 0
 
 
 def test_too_many_consecutive_non_finite_steps_stop_with_a_clear_error(accelerator):

@@ -23,7 +23,8 @@ import torch
 
 from accel_distill.errors import DataError
 
-from .reader import check_size, has_nonfinite, shape_dtype, value_buffers
+from .finite import has_nonfinite
+from .reader import check_size, shape_dtype, value_buffers
 from .schema import (
     ID,
     LATENT,

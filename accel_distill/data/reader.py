@@ -19,6 +19,7 @@ import torch
 
 from accel_distill.errors import DataError
 
+from .finite import copy_checked
 from .schema import (
     CAPTION,
     ID,
@@ -77,56 +78,6 @@ def check_size(where: str, what: str, buf: pa.Buffer, shape: list[int], dtype: t
     if buf.size != need:
         raise DataError(f"{where}: {what} has {buf.size} bytes, shape {shape} of {dtype} needs {need}")
     return buf
-
-
-# A float is NaN or inf iff its exponent bits are all ones: as a signed integer of the same width the
-# positive ones are >= the first bound, as an unsigned integer the negative ones are >= the second. Two
-# integer max reductions (numpy: one thread, no OpenMP stalls on a busy host) test a whole buffer.
-_NONFINITE_BITS = {
-    torch.bfloat16: (np.int16, 0x7F80, 0xFF80),
-    torch.float16: (np.int16, 0x7C00, 0xFC00),
-    torch.float32: (np.int32, 0x7F800000, 0xFF800000),
-    torch.float64: (np.int64, 0x7FF0000000000000, 0xFFF0000000000000),
-}
-
-
-CHUNK_BYTES = 1 << 18  # checked and copied piece by piece: each piece is read from memory once, then from cache
-
-
-def has_nonfinite(buf: Any, dtype: torch.dtype) -> bool:
-    """True if the raw values in ``buf`` (bytes-like, ``dtype``) hold a NaN or inf; False for non-float dtypes."""
-    return _nonfinite_check(dtype)(np.frombuffer(buf, dtype=np.uint8))
-
-
-def _nonfinite_check(dtype: torch.dtype):
-    """A function of a uint8 array (whole values) -> True if it holds a NaN/inf of ``dtype``; None: not a float."""
-    spec = _NONFINITE_BITS.get(dtype)
-    if spec is None:
-        return lambda raw: False
-    signed, positive, negative = spec
-    unsigned = np.dtype(signed).str.replace("i", "u")
-
-    def check(raw: np.ndarray) -> bool:
-        values = raw.view(signed)
-        return values.size > 0 and (bool(values.max() >= positive) or bool(values.view(unsigned).max() >= negative))
-
-    return check
-
-
-def copy_checked(dst: torch.Tensor, buf: Any) -> bool:
-    """Copy ``buf`` into contiguous ``dst`` (as ``copy_bytes_into``), testing each piece for NaN/inf just before
-    copying it; False (``dst`` partly written) at the first non-finite piece."""
-    src = np.frombuffer(buf, dtype=np.uint8)
-    flat = dst.view(torch.uint8).reshape(-1)
-    if src.size != flat.numel():
-        raise ValueError(f"{src.size} bytes stored but shape {list(dst.shape)} of {dst.dtype} needs {flat.numel()}")
-    out, check = flat.numpy(), _nonfinite_check(dst.dtype)
-    for a in range(0, src.size, CHUNK_BYTES):  # CHUNK_BYTES is a multiple of every item size
-        piece = src[a : a + CHUNK_BYTES]
-        if check(piece):
-            return False
-        out[a : a + CHUNK_BYTES] = piece
-    return True
 
 
 def value_buffers(column: pa.ChunkedArray) -> list[pa.Buffer]:
@@ -276,6 +227,7 @@ class Reader:
             self._put(text[i, : r.text_shape[0]], r, "text embedding", r.text)
             text[i, r.text_shape[0] :] = 0  # zero padding at the end, as WanPipeline pads
         batch = {"text_embeds": text, "ids": [r.id for r in recs], "captions": [r.caption for r in recs]}
+        batch["row_sources"] = [r.where() for r in recs]  # names a bad sample's file and row downstream
         if self.s.has_latents:
             latents = torch.empty((len(recs), *first.latent_shape), dtype=first.latent_dtype)
             for i, r in enumerate(recs):

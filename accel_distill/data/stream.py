@@ -24,7 +24,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 # Keys of state_dict() that must match on load: otherwise the saved index means different samples.
 _FINGERPRINT = ("num_samples", "seed", "shuffle")
 # Keys of a batch that an extra tensor column must not shadow.
-BATCH_KEYS = ("latents", "text_embeds", "ids", "captions", "sample_keys")
+BATCH_KEYS = ("latents", "text_embeds", "ids", "captions", "sample_keys", "row_sources")
 SCAN_THREADS = 16  # Hub files: footers and shape columns are fetched this many at a time
 
 
@@ -91,8 +91,9 @@ class LatentStream:
     """Endless iterator of collated batches with an exactly resumable position.
 
     Yields ``{"latents": [B,C,T,H,W], "text_embeds": [B, text_max_length, D],
-    "ids": [...], "captions": [...], "sample_keys": [(epoch, row), ...]}`` with tensors in their
-    stored dtype (``sample_keys`` is each sample's (epoch, global row), unique over a run);
+    "ids": [...], "captions": [...], "sample_keys": [(epoch, row), ...], "row_sources": [...]}`` with
+    tensors in their stored dtype (``sample_keys`` is each sample's (epoch, global row), unique over a
+    run; ``row_sources`` its file and row, for error messages);
     ``latents`` is absent for text-only data. Each name of ``extra_tensor_columns`` (a
     tensor stored FastVideo-style in ``{name}_bytes/_shape/_dtype`` columns, written with
     ``write_tensor_columns`` or ``write_parquet(samples with "tensors")``) is one more key,
@@ -103,7 +104,8 @@ class LatentStream:
     bucket at the end of an epoch open its first batch of the next epoch. Checks: the
     latent channels (``expected_latent_channels``) and text width (``expected_text_dim``)
     of every row against the model, text length, byte sizes, and (``check_finite``) NaN/inf
-    in every tensor, each failing with one line naming the file and row. Keep one live
+    in every tensor (training turns it off and checks the batch on the device instead, see
+    :mod:`.finite`), each failing with one line naming the file and row. Keep one live
     iterator at a time: each one advances the shared position.
     """
 
@@ -120,7 +122,7 @@ class LatentStream:
         require_latents: bool = True,
         expected_latent_channels: int | None = None,
         expected_text_dim: int | None = None,
-        extra_tensor_columns: Sequence[str] = (),
+        extra_tensor_columns: Sequence[str] | Mapping[str, str] = (),
         check_finite: bool = True,
         prefetch: int = 2,
         pin_memory: bool = False,
@@ -133,6 +135,8 @@ class LatentStream:
             raise ValueError(
                 f"need seed >= 0, text_max_length >= 1, prefetch >= 0, got {seed=} {text_max_length=} {prefetch=}"
             )
+        # a mapping says why each column is read (for the missing-column error); a sequence: the caller asks
+        self._extra_readers = dict(extra_tensor_columns) if isinstance(extra_tensor_columns, Mapping) else {}
         self.extra_tensor_columns = _check_extra_names(extra_tensor_columns)
         self.batch_size = batch_size
         self.seed = seed
@@ -249,7 +253,8 @@ class LatentStream:
         for name in self.extra_tensor_columns:
             for column in tensor_columns(name):
                 if column not in names:
-                    raise DataError(f"{file}: column {column!r} is missing (extra_tensor_columns asks for {name!r})")
+                    why = self._extra_readers.get(name, f"extra_tensor_columns asks for {name!r}")
+                    raise DataError(f"{file}: column {column!r} is missing ({why})")
 
     def _make_buckets(self, shapes: np.ndarray | None) -> None:
         """One bucket per latent shape (sorted); text-only data is one bucket."""
@@ -417,7 +422,7 @@ class LatentStream:
             reader.close()
 
 
-def _check_extra_names(names: Sequence[str]) -> tuple[str, ...]:
+def _check_extra_names(names: Sequence[str] | Mapping[str, str]) -> tuple[str, ...]:
     names = (names,) if isinstance(names, str) else tuple(names)
     for name in names:
         if not isinstance(name, str) or not name or name in (*BATCH_KEYS, "vae_latent", "text_embedding"):

@@ -15,14 +15,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from accel_distill.config.schema import TrainingConfig
-from accel_distill.errors import UserError
+from accel_distill.context_parallel import scale_partial_gradients
+from accel_distill.data.finite import describe_nonfinite, nonfinite_flag
+from accel_distill.errors import DataError, UserError
 from accel_distill.methods.base import DistillMethod
 from accel_distill.trainer.callbacks import Callback
 
@@ -94,18 +98,24 @@ class Trainer:
                 stack.enter_context(self.acc.no_sync(module))
         return stack
 
-    def _forward_backward(self, iteration: int) -> dict[str, torch.Tensor]:
+    def _forward_backward(self, iteration: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The micro-batches' mean losses, and a device flag: did any input hold a NaN or inf."""
         g = self.cfg.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
+        bad_input = torch.zeros((), device=self.acc.device)
+        self._host_batches = []  # scanned on the host only if the device finds a bad input
         for micro in range(g):
-            batch = move_to(next(self.batches), self.acc.device)
+            host = next(self.batches)
+            self._host_batches.append(host)
+            batch = move_to(host, self.acc.device)
+            bad_input = bad_input + nonfinite_flag(batch, self.acc.device)
             with self._no_sync(sync=micro == g - 1):
                 with self.acc.autocast():
                     loss_map, _ = self.method.train_step(batch, iteration)
                 self.acc.backward(loss_map["total_loss"] / g)
             for k, v in loss_map.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / g
-        return sums
+        return sums, bad_input
 
     def _clip(self, iteration: int) -> dict[str, torch.Tensor]:
         """Clip (or just measure) the grad norm of each module whose optimizer steps now.
@@ -116,6 +126,8 @@ class Trainer:
         """
         from torch.distributed.tensor import DTensor
 
+        # context-parallel modules hold their ranks' partial gradients, averaged over all processes
+        scale_partial_gradients(self.method.model_dict.values())
         # fp16: unscale once per iteration (the single trainable role fp16 allows), so the norms are
         # true norms; the scaler's update() follows in step(), whether the optimizer steps or not.
         self.acc.unscale_gradients()
@@ -127,8 +139,10 @@ class Trainer:
             norms[f"grad_norm/{name}"] = norm.detach().float()
         return norms
 
-    def _finite(self, losses: list[torch.Tensor], norms: list[torch.Tensor]) -> tuple[bool, bool]:
-        """(losses finite, gradient norms finite) on every rank: the iteration's one host-device sync."""
+    def _finite(
+        self, losses: list[torch.Tensor], norms: list[torch.Tensor], bad_input: torch.Tensor | None = None
+    ) -> tuple[bool, bool, bool]:
+        """(losses, gradient norms, inputs) finite on every rank: the iteration's one host-device sync."""
 
         def bad(values: list[torch.Tensor]) -> torch.Tensor:
             if not values:
@@ -136,15 +150,20 @@ class Trainer:
             stacked = torch.stack([v.detach().reshape(()).float().to(self.acc.device) for v in values])
             return (~torch.isfinite(stacked)).any().float()
 
-        flags = torch.stack([bad(losses), bad(norms)])
+        no_input = torch.zeros((), device=self.acc.device) if bad_input is None else bad_input.float()
+        flags = torch.stack([bad(losses), bad(norms), no_input])
         if self.acc.num_processes > 1:
             flags = self.acc.reduce(flags, reduction="sum")  # every rank decides alike
-        bad_loss, bad_grad = flags.tolist()
-        return bad_loss == 0, bad_grad == 0
+        bad_loss, bad_grad, bad_inputs = flags.tolist()
+        return bad_loss == 0, bad_grad == 0, bad_inputs == 0
 
-    def _all_finite(self, values: list[torch.Tensor]) -> bool:
-        """Whether every value is finite on every rank (one sync)."""
-        return all(self._finite(values, []))
+    def _stop_on_bad_input(self, it: int) -> NoReturn:
+        """A NaN/inf in this iteration's data, on some rank: one line naming its file and row, on every rank,
+        before any optimizer step (a non-finite input is a data error, not an iteration to skip)."""
+        found = next(filter(None, map(describe_nonfinite, self._host_batches)), None)
+        if self.acc.num_processes > 1:
+            found = next(filter(None, gather_object([found])), None)
+        raise DataError(found or f"iteration {it}: non-finite values (NaN or inf) in the input batch")
 
     def _log(self, metrics: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
         names = sorted(metrics)
@@ -168,9 +187,11 @@ class Trainer:
     def step(self) -> dict[str, torch.Tensor]:
         """One iteration: G micro-batches, then clip + step (or skip if non-finite)."""
         it = self.state.iteration
-        metrics = self._forward_backward(it)
+        metrics, bad_input = self._forward_backward(it)
         norms = self._clip(it)
-        loss_ok, grads_ok = self._finite(list(metrics.values()), list(norms.values()))
+        loss_ok, grads_ok, inputs_ok = self._finite(list(metrics.values()), list(norms.values()), bad_input)
+        if not inputs_ok:
+            self._stop_on_bad_input(it)
         metrics.update(norms)
         stepped: list[str] = []
         if loss_ok and grads_ok:
