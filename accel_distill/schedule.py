@@ -15,6 +15,7 @@ such schedule (rectified flow here, DDPM in :mod:`accel_distill.noise`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -112,6 +113,18 @@ class FewStepSchedule(StockSchedule):
         return tuple(float(s) for s in sched.sigmas.tolist())
 
 
+def with_step_count(base: StockSchedule, num_steps: int) -> StockSchedule | None:
+    """``base`` at another step count: the timesteps its scheduler's ``set_timesteps(num_steps)`` gives
+    (None if they are not finite), e.g. a many-step schedule for N-step sampling."""
+    sched = base.make_scheduler()
+    with np.errstate(all="ignore"):
+        sched.set_timesteps(num_steps)
+    timesteps = tuple(float(x) for x in sched.timesteps.tolist())
+    if not all(math.isfinite(x) for x in timesteps):
+        return None
+    return dataclasses.replace(base, timesteps=timesteps)
+
+
 def _produced(shift: float, shift_terminal: float | None, n: int) -> list[float] | None:
     """Timesteps the real scheduler gives for ``n`` steps, or None if they are not finite."""
     sched = FewStepSchedule((), shift, shift_terminal).make_scheduler()
@@ -121,13 +134,14 @@ def _produced(shift: float, shift_terminal: float | None, n: int) -> list[float]
     return values if all(math.isfinite(v) for v in values) else None
 
 
-def _max_error(produced: list[float] | None, wanted: Sequence[float]) -> float:
+def max_timestep_error(produced: list[float] | None, wanted: Sequence[float]) -> float:
+    """Largest |produced - wanted| over the steps; inf when the scheduler produced nothing usable."""
     if produced is None:
         return math.inf
     return max(abs(p - w) for p, w in zip(produced, wanted))
 
 
-def _validate(steps: Any, key: str) -> list[float]:
+def checked_timesteps(steps: Any, key: str) -> list[float]:
     """Checked, float copy of the user's list with one trailing 0 dropped."""
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
         raise ConfigError(f"{key}: expected a list of timesteps, got {steps!r}")
@@ -154,7 +168,7 @@ def _fit_shift(wanted: list[float], shift_terminal: float) -> float:
     n = len(wanted)
 
     def err(log_shift: float) -> float:
-        return _max_error(_produced(math.exp(log_shift), shift_terminal, n), wanted)
+        return max_timestep_error(_produced(math.exp(log_shift), shift_terminal, n), wanted)
 
     errors = [err(float(x)) for x in _LOG_SHIFT_GRID]
     # Best grid point; ties go to the shift closest to 1.
@@ -191,7 +205,7 @@ def fit_few_step_schedule(
     produce every step within ``tolerance`` timestep units. The returned schedule
     holds the timesteps the scheduler actually produces (use those for training).
     """
-    wanted = _validate(steps, key)
+    wanted = checked_timesteps(steps, key)
     n = len(wanted)
     if n == 1:
         shift, shift_terminal = 1.0, None  # set_timesteps(1) is always [1000]
@@ -202,7 +216,7 @@ def fit_few_step_schedule(
         shift = _fit_shift(wanted, shift_terminal)
 
     produced = _produced(shift, shift_terminal, n)  # verified on the real scheduler
-    error = _max_error(produced, wanted)
+    error = max_timestep_error(produced, wanted)
     if produced is None or error > tolerance:
         closest = "none (non-finite)" if produced is None else str([round(t, 1) for t in produced])
         raise ConfigError(
@@ -270,7 +284,7 @@ def fit_ddim_schedule(
     list within ``tolerance`` wins (ties: trailing); else a :class:`ConfigError` naming ``key``.
     The config keeps ``set_alpha_to_one`` true, so the last step returns the predicted x0.
     """
-    wanted = _validate(steps, key)
+    wanted = checked_timesteps(steps, key)
     n = len(wanted)
     base = {**model_config, "set_alpha_to_one": True}
     total = int(base["num_train_timesteps"])
@@ -289,8 +303,8 @@ def fit_ddim_schedule(
         leading = {**base, "timestep_spacing": "leading", "steps_offset": offset}
         candidates.append((leading, [float(offset + (n - 1 - i) * stride) for i in range(n)]))
     usable = [(c, ts) for c, ts in candidates if lands(ts)]
-    best = min(usable, key=lambda c: _max_error(c[1], wanted), default=None)
-    error = math.inf if best is None else _max_error(best[1], wanted)
+    best = min(usable, key=lambda c: max_timestep_error(c[1], wanted), default=None)
+    error = math.inf if best is None else max_timestep_error(best[1], wanted)
     if best is None or error > tolerance:
         closest = "none" if best is None else str(best[1])
         raise ConfigError(

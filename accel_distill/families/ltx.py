@@ -40,7 +40,7 @@ from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pi
 from accel_distill.families.wan import WanEncoder, WanFamily, component_config, role_source
 from accel_distill.noise import RectifiedFlow
 from accel_distill.registry import register_family
-from accel_distill.schedule import NUM_TRAIN_TIMESTEPS, FewStepSchedule, _max_error, _validate
+from accel_distill.schedule import NUM_TRAIN_TIMESTEPS, FewStepSchedule, checked_timesteps, max_timestep_error
 
 FRAME_RATE = 25  # LTXPipeline's default frame_rate (its rope_interpolation_scale)
 
@@ -86,14 +86,14 @@ def fit_ltx_schedule(steps: Sequence[float], *, key: str, tolerance: float) -> L
     The first sigma is always 1 (t = 1000) and ``shift_terminal`` pins the last, so 1-2 steps are exact
     and longer lists fit ``shift`` (log-grid, then bisection-free refinement around the best point).
     """
-    wanted = _validate(steps, key)
+    wanted = checked_timesteps(steps, key)
     n = len(wanted)
     terminal = None if n == 1 else wanted[-1] / NUM_TRAIN_TIMESTEPS
     shift = 1.0
     if n > 2:
 
         def err(log_shift: float) -> float:
-            return _max_error(_ltx_produced(math.exp(log_shift), terminal, n), wanted)
+            return max_timestep_error(_ltx_produced(math.exp(log_shift), terminal, n), wanted)
 
         grid = [i * 0.05 for i in range(-120, 121)]
         best = min(grid, key=lambda g: (err(g), abs(g)))
@@ -101,7 +101,7 @@ def fit_ltx_schedule(steps: Sequence[float], *, key: str, tolerance: float) -> L
             best = min((best + width * k / 10 for k in range(-10, 11)), key=lambda g: (err(g), abs(g)))
         shift = math.exp(best)
     produced = _ltx_produced(shift, terminal, n)
-    error = _max_error(produced, wanted)
+    error = max_timestep_error(produced, wanted)
     if produced is None or error > tolerance:
         closest = "none (non-finite)" if produced is None else str([round(t, 1) for t in produced])
         raise ConfigError(
