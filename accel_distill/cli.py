@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import yaml
 
@@ -28,6 +29,16 @@ def end_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def user_errors_as_exit_code(run: Callable[[], int]) -> int:
+    """``run()``; a user mistake closes the progress bars, prints one ``error:`` line and returns its exit code."""
+    try:
+        return run()
+    except UserError as e:
+        end_progress_bars()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,8 +83,10 @@ class NoiseSchedule(ABC):
         latents: torch.Tensor,
         *,
         generator: torch.Generator | None = None,
+        on_step=None,
     ) -> torch.Tensor:
-        """Denoise pure noise in ``schedule``'s steps exactly as the stock pipeline + scheduler do."""
+        """Denoise pure noise in ``schedule``'s steps exactly as the stock pipeline + scheduler do;
+        ``on_step(i, t, x)`` sees the sample each step starts from (:data:`accel_distill.sampling.StepHook`)."""
 
 
 class RectifiedFlow(NoiseSchedule):
@@ -134,10 +136,10 @@ class RectifiedFlow(NoiseSchedule):
     def fit_few_step(cls, steps, *, key: str, tolerance: float, kind: str) -> FewStepSchedule:
         return fit_few_step_schedule(steps, key=key, tolerance=tolerance, kind=kind)
 
-    def sample(self, predict, schedule: FewStepSchedule, latents, *, generator=None) -> torch.Tensor:
+    def sample(self, predict, schedule: FewStepSchedule, latents, *, generator=None, on_step=None) -> torch.Tensor:
         from accel_distill.sampling import few_step_sample
 
-        return few_step_sample(predict, schedule, latents, generator=generator)
+        return few_step_sample(predict, schedule, latents, generator=generator, on_step=on_step)
 
     def many_step_schedule(self) -> FewStepSchedule:
         """The base schedule a many-step (finetuned) model samples with: Euler at this shift."""
@@ -220,7 +222,7 @@ class DDPMVPrediction(NoiseSchedule):
     def many_step_schedule(self) -> StockSchedule:
         return DDIMSchedule((), config=dict(self.config))
 
-    def sample(self, predict, schedule: StockSchedule, latents, *, generator=None) -> torch.Tensor:
+    def sample(self, predict, schedule: StockSchedule, latents, *, generator=None, on_step=None) -> torch.Tensor:
         from accel_distill.sampling import ddim_sample
 
-        return ddim_sample(predict, schedule, latents)
+        return ddim_sample(predict, schedule, latents, on_step=on_step)

@@ -21,6 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .schedule import FewStepSchedule, StockSchedule
 
+# on_step(i, t, x): the sample x that step i starts from, at its timestep t (a 0-d float tensor).
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
 
 def few_step_sample(
     predict_flow: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -28,6 +31,7 @@ def few_step_sample(
     latents: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (pure noise at t=1000) in ``schedule.num_inference_steps`` steps.
 
@@ -35,13 +39,16 @@ def few_step_sample(
     timesteps ``t`` of shape ``[B]``; like the stock pipelines it should cast ``x`` to the
     model's dtype itself. Re-noise noise comes from ``generator``, or, when it is None,
     from the global torch RNG exactly as the stock pipeline draws it. The result has the
-    model output's dtype.
+    model output's dtype. ``on_step(i, t, x)`` sees the sample ``x`` each step ``i`` starts from, at its
+    timestep ``t`` (e.g. to record a trajectory).
     """
     scheduler = stock_scheduler(schedule, latents.device)
     timesteps, sigmas = scheduler.timesteps, scheduler.sigmas  # float32, as the pipeline sees them
 
     x = latents
     for i, t in enumerate(timesteps):
+        if on_step is not None:
+            on_step(i, t, x)
         v = predict_flow(x, t.expand(x.shape[0]))
         # Same op order and dtypes as FlowMatchLCMScheduler.step (float32 math, cast back).
         sample = x.to(torch.float32)
@@ -70,7 +77,11 @@ def stock_scheduler(schedule: StockSchedule, device: torch.device):
 
 
 def ddim_sample(
-    predict_v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: StockSchedule, latents: torch.Tensor
+    predict_v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: StockSchedule,
+    latents: torch.Tensor,
+    *,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (pure noise) with ``schedule``'s ``CogVideoXDDIMScheduler`` as ``CogVideoXPipeline`` does.
 
@@ -79,11 +90,14 @@ def ddim_sample(
     from ``t`` to ``t - T // n``, the clean end's ``final_alpha_cumprod``) and the pipeline's casts
     (the prediction to float32, the sample back to the latents' dtype after each step), so the
     stock pipeline loading the export gives identical latents. Deterministic: no noise is drawn.
+    ``on_step`` as in :func:`few_step_sample`.
     """
     scheduler = stock_scheduler(schedule, latents.device)
     alphas, stride = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps // schedule.num_inference_steps
     x = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
+        if on_step is not None:
+            on_step(i, t, x)
         v = predict_v(x, t.expand(x.shape[0])).float()
         prev = t - stride
         alpha_prod_t = alphas[t]

@@ -33,6 +33,10 @@ TEXT = "text_embedding"
 LATENT_COLUMNS = LATENT_BYTES, LATENT_SHAPE, LATENT_DTYPE = tensor_columns(LATENT)
 TEXT_COLUMNS = TEXT_BYTES, TEXT_SHAPE, TEXT_DTYPE = tensor_columns(TEXT)
 REQUIRED_COLUMNS = (ID, *TEXT_COLUMNS, CAPTION)
+# Teacher trajectories (written by ``python -m accel_distill.generate``, read by method ``kd``), extra tensors
+# of a row whose latent is the teacher's final x0: the samples its saved steps started from, in the model's
+# (normalised) latent space, [S, C, T, H, W]; their timesteps [S] (float32); the starting noise [C, T, H, W].
+TRAJ_LATENTS, TRAJ_TIMESTEPS, NOISE = "traj_latents", "traj_timesteps", "noise"
 # Footer key-value metadata: the latent shape of every row, run-length encoded (JSON [[shape, count], ...]),
 # so a reader can bucket the rows without fetching the shape column of every row group (Hub reads).
 SHAPES_METADATA_KEY = b"accel_distill.vae_latent_shapes"

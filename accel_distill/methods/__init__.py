@@ -1,3 +1,3 @@
 """Training methods. Each module registers itself with ``@register_method``."""
 
-from accel_distill.methods import consistency, dmd2, finetune  # noqa: F401
+from accel_distill.methods import consistency, dmd2, finetune, kd  # noqa: F401

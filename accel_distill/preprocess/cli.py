@@ -10,17 +10,18 @@ one ``error:`` line and exit 2; ``check`` exits 1 when it found problems.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from accel_distill.errors import ConfigError, UserError
+from accel_distill.errors import ConfigError
 
 STORE_DTYPES = ("fp32", "bf16", "fp16")
 
 
-def _positive(kind):
+def positive(kind):
+    """An argparse type: ``kind(text)``, which must be > 0."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -35,7 +36,7 @@ def _positive(kind):
 
 def _counts(text: str) -> list[int]:
     """``"81"`` or ``"81,49,17"`` -> positive ints."""
-    parse = _positive(int)
+    parse = positive(int)
     values = [parse(v.strip()) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"expected N or N,N,..., got {text!r}")
@@ -51,7 +52,8 @@ def _sizes(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --family, --revision, --dtype, --text-max-length (also ``python -m accel_distill.generate``'s)."""
     p.add_argument("--model", required=True, help="diffusers folder or Hub id of the model (its VAE / text encoder)")
     p.add_argument("--family", default="wan", help="model family (default: wan)")
     p.add_argument("--revision", default=None, help="Hub revision of --model")
@@ -59,22 +61,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="precision the VAE and text encoder run in (auto: bf16 on CUDA, fp32 on CPU)",
+        help="precision the models run in (auto: bf16 on an accelerator, fp32 on the CPU)",
     )
     p.add_argument(
         "--text-max-length",
-        type=_positive(int),
+        type=positive(int),
         default=512,
         help="tokens per prompt at most (<= the training config's pipeline_config.text_max_length; default 512)",
     )
 
 
-def _shard_args(p: argparse.ArgumentParser) -> None:
+def shard_args(p: argparse.ArgumentParser) -> None:
+    """--output, --rows-per-shard, --row-group-size, --store-dtype: the resumable shard folder's settings."""
     p.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards (re-runs resume)")
-    p.add_argument("--rows-per-shard", type=_positive(int), default=64, help="rows per parquet file (default 64)")
+    p.add_argument("--rows-per-shard", type=positive(int), default=64, help="rows per parquet file (default 64)")
     p.add_argument(
         "--row-group-size",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help="rows per parquet row group (default: as many as hold ~8 MB of tensors, 1 to 64: one Wan-size video "
         "row, dozens of images; ranks then read disjoint groups)",
@@ -106,10 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bucket per latent shape). Unusable inputs are listed in OUTPUT/skipped.jsonl (--strict: an error).",
     )
     v.add_argument("--input", required=True, help="a folder, or a .csv / .jsonl manifest (path + caption)")
-    _model_args(v)
-    _shard_args(v)
-    v.add_argument("--height", type=_positive(int), default=None, help="output height in pixels")
-    v.add_argument("--width", type=_positive(int), default=None, help="output width in pixels")
+    model_args(v)
+    shard_args(v)
+    v.add_argument("--height", type=positive(int), default=None, help="output height in pixels")
+    v.add_argument("--width", type=positive(int), default=None, help="output width in pixels")
     v.add_argument(
         "--sizes",
         type=_sizes,
@@ -124,26 +127,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="frames per video, 4k+1 for Wan (default 81); several (81,49,17): each video gets the longest it can "
         "supply",
     )
-    v.add_argument("--fps", type=_positive(float), default=None, help="sampling frame rate (default: each video's own)")
+    v.add_argument("--fps", type=positive(float), default=None, help="sampling frame rate (default: each video's own)")
     v.add_argument("--media", choices=["all", "video", "image"], default="all", help="which inputs to encode")
     v.add_argument("--strict", action="store_true", help="any unusable input is an error (exit 2)")
     v.add_argument("--allow-empty-captions", action="store_true", help="encode inputs whose caption is empty")
-    v.add_argument("--vae-batch-size", type=_positive(int), default=1, help="clips per VAE call (default 1)")
+    v.add_argument("--vae-batch-size", type=positive(int), default=1, help="clips per VAE call (default 1)")
     v.add_argument(
         "--decode-workers", type=int, default=2, help="threads decoding media ahead of the encoder (0: none)"
     )
 
     pr = sub.add_parser("prompts", help="a prompt list -> text-only parquet shards (for rollout_mode: simulate)")
     pr.add_argument("--prompts", required=True, help=".txt (one per line), .json or .jsonl prompt list")
-    _model_args(pr)
-    _shard_args(pr)
+    model_args(pr)
+    shard_args(pr)
 
     n = sub.add_parser(
         "negative", help="one prompt -> a [L, D] .safetensors for pipeline_config.negative_prompt_embeds"
     )
     n.add_argument("--prompt", default="", help='the negative prompt (default "")')
     n.add_argument("--output", required=True, help="file to write, e.g. neg.safetensors")
-    _model_args(n)
+    model_args(n)
 
     va = sub.add_parser(
         "validation",
@@ -151,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     va.add_argument("--prompts", required=True, help=".txt (one per line), .json or .jsonl prompt list")
     va.add_argument("--output", required=True, help="folder for validation.json and embeds/")
-    _model_args(va)
+    model_args(va)
 
     c = sub.add_parser(
         "check",
@@ -165,7 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("data", nargs="+", help="parquet files, folders, patterns or Hub dataset references")
     c.add_argument("--model", default=None, help="diffusers folder or Hub id to check widths against")
     c.add_argument("--revision", default=None, help="Hub revision of --model")
-    c.add_argument("--text-max-length", type=_positive(int), default=None, help="pipeline_config.text_max_length")
+    c.add_argument("--text-max-length", type=positive(int), default=None, help="pipeline_config.text_max_length")
     c.add_argument("--extra-tensor-columns", nargs="*", default=[], help="extra tensors the family reads")
     c.add_argument("--max-problems", type=int, default=100, help="lines printed at most (default 100; all: 0)")
     c.add_argument("--json", default=None, help="also write every problem to this JSON file")
@@ -316,9 +319,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one ``error:`` line and return 2."""
+    from accel_distill.cli import user_errors_as_exit_code
+
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return user_errors_as_exit_code(lambda: run(args))

@@ -71,6 +71,7 @@ class Report:
     rows_encoded: int = 0  # by this process, this run
     seconds: dict = field(default_factory=lambda: {"decode": 0.0, "vae": 0.0, "text": 0.0, "write": 0.0})
     totals: dict | None = None  # main process: rows / skipped over every shard
+    command: str = "preprocess"  # the summary line's name
 
     def summary(self, output: str) -> str:
         t = self.totals or {}
@@ -78,7 +79,7 @@ class Report:
         unfinished = len(t.get("unfinished_shards", []))
         encoded_now = self.shards_total - self.shards_done_before - unfinished
         line = (
-            f"preprocess: {t.get('rows', 0)} rows in {self.shards_total} shard(s) under {output} "
+            f"{self.command}: {t.get('rows', 0)} rows in {self.shards_total} shard(s) under {output} "
             f"({encoded_now} encoded now, {self.shards_done_before} already done); "
             f"skipped {t.get('skipped', 0)} input(s)"
         )
@@ -267,24 +268,80 @@ def preprocess_prompts(
     barrier: Callable[[], None] = lambda: None,
 ) -> Report:
     """Text-only shards (no latent columns) of ``prompts``, kept in the given order; ids ``prompt-0000000``..."""
-    total = num_shards(len(prompts), rows_per_shard)
-    done = {k for k in range(total) if store.is_done(k)}
-    barrier()  # every rank has looked before any rank writes
-    report = Report(shards_total=total, shards_done_before=len(done))
-    todo = [k for k in rank_shards(total, rank, world_size) if k not in done]
-    for k in tqdm(todo, desc="encoding prompts", unit="shard", disable=None):
+
+    def make_shard(lo: int, hi: int, report: Report, advance: Callable[[int], None]) -> list[dict]:
         start = time.perf_counter()
-        lo, hi = k * rows_per_shard, min((k + 1) * rows_per_shard, len(prompts))
         embeds = encoder.encode_text(prompts[lo:hi], text_max_length)
-        rows = [
-            {"id": f"prompt-{i:07d}", "caption": p, "text_embedding": e.to(store_dtype)}
+        report.seconds["text"] += time.perf_counter() - start
+        advance(hi - lo)
+        return [
+            {"id": prompt_id(i), "caption": p, "text_embedding": e.to(store_dtype)}
             for i, p, e in zip(range(lo, hi), prompts[lo:hi], embeds)
         ]
-        report.seconds["text"] += time.perf_counter() - start
-        record = {"ids": [r["id"] for r in rows], "skipped": [], "rank": rank}
-        store.write_shard(k, rows, record, row_group_size=row_group_size)
-        report.shards_encoded += 1
-        report.rows_encoded += len(rows)
+
+    return run_shards(
+        store,
+        len(prompts),
+        rows_per_shard,
+        make_shard,
+        desc="encoding prompts",
+        row_group_size=row_group_size,
+        rank=rank,
+        world_size=world_size,
+        barrier=barrier,
+    )
+
+
+def prompt_id(index: int) -> str:
+    """The id of the ``index``-th prompt of a prompt list."""
+    return f"prompt-{index:07d}"
+
+
+def run_shards(
+    store: ShardStore,
+    num_items: int,
+    rows_per_shard: int,
+    make_shard: Callable[[int, int, Report, Callable[[int], None]], list[dict]],
+    *,
+    desc: str,
+    row_group_size: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    command: str = "preprocess",
+) -> Report:
+    """Write this rank's unfinished shards of ``num_items`` inputs; the main process merges the totals at the end.
+
+    ``make_shard(lo, hi, report, advance)`` returns the rows of inputs ``[lo, hi)`` (one each, in order),
+    adding its timings to ``report`` and calling ``advance(n)`` as it finishes inputs (the progress bar).
+    Finished shards (from an earlier run, any rank) are skipped; each shard is written atomically.
+    """
+    total = num_shards(num_items, rows_per_shard)
+    done = {k for k in range(total) if store.is_done(k)}
+    barrier()  # every rank has looked before any rank writes
+    report = Report(shards_total=total, shards_done_before=len(done), command=command)
+    todo = [k for k in rank_shards(total, rank, world_size) if k not in done]
+    bounds = {k: (k * rows_per_shard, min((k + 1) * rows_per_shard, num_items)) for k in todo}
+    bar = tqdm(
+        total=sum(hi - lo for lo, hi in bounds.values()),
+        desc=f"{desc} (rank {rank})" if world_size > 1 else desc,
+        unit="input",
+        position=rank if world_size > 1 else None,
+        dynamic_ncols=True,
+        disable=None,  # off when stderr is not a terminal
+    )
+    try:
+        for k, (lo, hi) in bounds.items():
+            start = time.perf_counter()
+            rows = make_shard(lo, hi, report, bar.update)
+            record = {"ids": [r["id"] for r in rows], "skipped": [], "rank": rank}
+            store.write_shard(
+                k, rows, {**record, "seconds": round(time.perf_counter() - start, 3)}, row_group_size=row_group_size
+            )
+            report.shards_encoded += 1
+            report.rows_encoded += len(rows)
+    finally:
+        bar.close()
     barrier()
     if rank == 0:
         report.totals = store.merge(total)

@@ -1,0 +1,3 @@
+from accel_distill.generate.cli import main
+
+raise SystemExit(main())
