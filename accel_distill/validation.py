@@ -26,9 +26,7 @@ training never needs the text encoder or the VAE weights because of it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.methods.base import derived_seed
 from accel_distill.prompts import encode_cached, load_embedding_file
-from accel_distill.schedule import StockSchedule
+from accel_distill.schedule import StockSchedule, with_step_count
 from accel_distill.trainer.callbacks import Callback
 
 logger = get_logger(__name__)
@@ -199,18 +197,14 @@ class ValidationCallback(Callback):
         """
         if self.schedule is not None and num_steps == self.schedule.num_inference_steps:
             return self.schedule
-        base = self.schedule or self.rt.adapter.noise.many_step_schedule()
-        sched = base.make_scheduler()
-        with np.errstate(all="ignore"):
-            sched.set_timesteps(num_steps)
-        timesteps = tuple(float(x) for x in sched.timesteps.tolist())
-        if not all(math.isfinite(x) for x in timesteps):
+        schedule = with_step_count(self.schedule or self.rt.adapter.noise.many_step_schedule(), num_steps)
+        if schedule is None:
             fail(
                 self.cfg.source,
                 "training.validation_sampling_steps",
                 f"the student's scheduler cannot produce {num_steps} finite timesteps",
             )
-        return dataclasses.replace(base, timesteps=timesteps)
+        return schedule
 
     def _prompt_embeds(self) -> torch.Tensor:
         """Every prompt's ``[text_max_length, D]`` embedding: given files, else encoded once and cached."""
