@@ -45,6 +45,8 @@ def dmd2_config(out: Path, model: Path, teacher: Path, data: Path, *, batch: int
     cfg = base_config("dmd2", model, teacher, data, out)
     cfg["training"].update(max_train_steps=6, checkpointing_steps=3, train_batch_size=batch, shuffle=True)
     cfg["method_config"].update(rollout_mode="simulate", generator_update_interval=2)
+    # with DMD2's GAN head (a method-owned discriminator on teacher features, real samples from the data)
+    cfg["method_config"].update(gan_feature_blocks=[0, 1], gan_generator_weight=0.1, gan_r1_weight=0.5)
     return cfg
 
 
@@ -60,6 +62,7 @@ def test_dmd2_two_processes_save_resume_export_and_match_one(
     # exact resume across 2 processes: every logged value of iterations 4..6, and the weights
     a, b = metrics(straight), metrics(resumed)
     assert sorted(b) == [4, 5, 6] and {i: a[i] for i in b} == b
+    assert "gan_generator_loss" in a[5] and "grad_norm/discriminator" in a[4]
     wa, wb = export_weights(straight), export_weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -75,7 +78,7 @@ def test_dmd2_two_processes_save_resume_export_and_match_one(
     if backend == "fsdp":  # the shim only reports FSDP runs
         for rank in (0, 1):
             shards = json.loads(Path(f"{report}.rank{rank}.json").read_text())
-            assert set(shards) == {"student", "teacher", "critic"}
+            assert set(shards) == {"student", "teacher", "critic", "discriminator"}
             for role, (local, total) in shards.items():
                 assert 0.4 < local / total < 0.6, (rank, role, local, total)  # about half, teacher included
         assert (straight / "checkpoints" / "checkpoint-6" / "pytorch_model_fsdp_0").is_dir()  # sharded save

@@ -163,8 +163,9 @@ class ModelAdapter(ABC):
         of the role's network at ``(x_t, t, cond)``; gradients flow through them to ``x_t``.
 
         Forward hooks on the blocks, removed right after the forward (a gradient-checkpointed block's
-        recomputation in backward never reaches them); the whole network runs (sharded models need
-        every rank to run every block).
+        recomputation in backward never reaches them); the whole network runs, and with gradients its
+        output joins the first tap with weight 0: a sharded (FSDP2) network unshards its root weights
+        for backward from a hook on that output, and the layers before the first block need them.
         """
 
         def call(module, x, tt, c):
@@ -176,11 +177,14 @@ class ModelAdapter(ABC):
 
             hooks = [layers[i].register_forward_hook(functools.partial(keep, i)) for i in set(blocks)]
             try:
-                self._forward(module, role.dtype, x, tt, c)
+                out = self._forward(module, role.dtype, x, tt, c)
             finally:
                 for h in hooks:
                     h.remove()
-            return [found[i] for i in blocks]
+            taps = [found[i] for i in blocks]
+            if out.requires_grad:  # FSDP2 re-gathers the root's weights from a hook on its output: keep it in the graph
+                taps[0] = taps[0] + 0.0 * out.float().sum()
+            return taps
 
         return self._routed(role, x_t, t, cond, call)
 
