@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
 from accel_distill.errors import ConfigError
-from accel_distill.methods.consistency import TARGET, consistency_loss, timestep_grid
+from accel_distill.methods.consistency import TARGET, consistency_loss, continuous_consistency_loss, timestep_grid
 from accel_distill.noise import RectifiedFlow
 from accel_distill.run import build_callbacks, train
 from accel_distill.sampling import few_step_sample
@@ -41,6 +41,20 @@ def test_loss_gradient_reaches_the_student_only(kind):
     d = (pred - target).detach()
     expected = 2 * d / d.numel() if kind == "l2" else d / ((d**2 + 0.01).sqrt() * d.numel())
     torch.testing.assert_close(g_pred, expected)
+
+
+def test_continuous_loss_pushes_along_the_normalised_tangent():
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 3, 1, 2, 2, generator=gen, requires_grad=True)
+    tangent = torch.randn(2, 3, 1, 2, 2, generator=gen, requires_grad=True)
+    tangent_scaled = tangent.detach().clone()
+    tangent_scaled[1] *= 100  # per-sample normalisation: a sample's scale does not change its push
+    g1, g_t = torch.autograd.grad(continuous_consistency_loss(pred, tangent, c=0.0), [pred, tangent], allow_unused=True)
+    assert g_t is None
+    (g2,) = torch.autograd.grad(continuous_consistency_loss(pred, tangent_scaled, c=0.0), [pred])
+    rms = tangent.detach().pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt()
+    torch.testing.assert_close(g1, tangent.detach() / rms / pred.numel())
+    torch.testing.assert_close(g2, g1)
 
 
 def test_grid_spans_clean_to_pure_noise_in_the_shifted_time():
@@ -159,7 +173,38 @@ def test_train_resume_export_and_stock_pipeline_sampling(tmp_path, tiny_wan, tin
     assert torch.equal(ours, stock)
 
 
+def test_continuous_tangent_forward_ad_matches_finite_differences(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    """torch.func.jvp through diffusers' Wan attention works with the _native_math backend; central
+    finite differences (any backend) agree with it."""
+    cfg = cd_config(
+        tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out", time="continuous", jvp="forward_ad"
+    )
+    cfg["roles"]["student"]["attention_backend"] = "_native_math"
+    rt = build_runtime(load_config(str(write_config(tmp_path / "run.yaml", cfg))))
+    method = rt.method
+    assert method.build_callbacks() == []  # no EMA target in continuous time
+    batch = next(iter(rt.stream))
+    cond = rt.adapter.conditioning(batch)
+    x, t = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([800.0, 300.0])
+    with torch.no_grad():
+        exact = method.tangent(x, t, cond)
+        method.config.jvp = "finite_difference"
+        method.config.fd_epsilon = 1e-4  # 0.1 timestep: the tiny model's time embedding turns within a few units
+        approx = method.tangent(x, t, cond)
+    assert exact.abs().mean() > 1e-4
+    torch.testing.assert_close(approx, exact, rtol=1e-2, atol=1e-3)
+    losses, outputs = method.train_step(batch, 0)
+    losses["total_loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in rt.bundle["student"].transformer.parameters())
+    assert all(p.grad is None for p in rt.bundle["teacher"].transformer.parameters())
+
+
 def test_bad_consistency_settings_name_the_key(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    cfg = cd_config(
+        tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out", time="continuous", jvp="forward_ad"
+    )
+    with pytest.raises(ConfigError, match="method_config.jvp: forward_ad needs roles.student.attention_backend"):
+        load_config(str(write_config(tmp_path / "c.yaml", cfg)))
     cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / "out", target_ema_decay=1.5)
     with pytest.raises(ConfigError, match=r"method_config.target_ema_decay: must be in \[0.0, 1.0\], got 1.5"):
         load_config(str(write_config(tmp_path / "a.yaml", cfg)))

@@ -1,4 +1,4 @@
-"""Consistency distillation (discrete, LCM / FastVideo causal-CD shape) into a few-step student.
+"""Consistency distillation (discrete, LCM / FastVideo causal-CD shape; or continuous-time) into a few-step student.
 
 Roles: ``student`` (trainable, initialised from the teacher), ``teacher`` (frozen). The
 target network is method-owned: an fp32 EMA of the student's weights (its own
@@ -17,6 +17,16 @@ without c_skip / c_out. At t_{n-1} = 0 the target is x_hat itself (also for sche
 x0 at t = 0 is only approximately the input). The exported student samples as a
 consistency model: x0 at each of ``student_sampling_steps``, re-noised to the next one
 (``pipeline_config.sampler_kind: sde``, FlowMatchLCMScheduler).
+
+Continuous time (``time: continuous``, the sCM-style limit N -> inf): t is drawn from the
+family's shifted schedule, and the student's gradient is the tangent df/dt along the teacher's
+CFG ODE, ``d/dt f(x_t, t) = J_x f . dx/dt + d_t f``, taken with the student's own (stopped)
+weights through the pseudo-loss ``0.5 ||f - sg(f - g)||^2`` (gradient g); g is normalised per
+sample as sCM's tangent normalisation, ``g / (rms(g) + c)``. The JVP is ``torch.func.jvp``
+(``jvp: forward_ad``; torch's fused SDPA kernels have no forward-mode derivative, so the
+student needs ``attention_backend: _native_math``) or central finite differences (``jvp:
+finite_difference``, FastGen's MeanFlow approach; any attention backend, sharded or not).
+No EMA target: sCM differentiates the online network.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from accel_distill.config.schema import EMASpec, RunConfig
-from accel_distill.config.validate import check_range
+from accel_distill.config.validate import check_range, fail
 from accel_distill.ema import EMACallback
 from accel_distill.methods.base import DistillMethod, describe_schedule, student_schedule
 from accel_distill.registry import register_method
@@ -52,12 +62,29 @@ class ConsistencyConfig:
     # The exported few-step schedule (a trailing 0 is dropped), fitted like DMD2's.
     student_sampling_steps: list[float] = field(default_factory=lambda: [1000.0, 757.0, 522.0])
     step_tolerance: float = 1.0
+    # "discrete": the N-step grid and the EMA target; "continuous": the tangent df/dt (no target).
+    time: Literal["discrete", "continuous"] = "discrete"
+    # continuous: how df/dt is computed, the finite-difference step (in sigma units: 5e-3 as FastGen's
+    # Wan MeanFlow), and sCM's tangent normalisation constant c.
+    jvp: Literal["finite_difference", "forward_ad"] = "finite_difference"
+    fd_epsilon: float = 0.005
+    tangent_norm_c: float = 0.1
 
 
 def timestep_grid(noise, n: int, device: torch.device) -> torch.Tensor:
     """t_0 = 0 < ... < t_N = T: ``N + 1`` timesteps uniform in the schedule's (shifted) time."""
     u = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float32)
     return noise.timesteps_from_uniform(u).to(device)
+
+
+def continuous_consistency_loss(pred: torch.Tensor, tangent: torch.Tensor, c: float = 0.1) -> torch.Tensor:
+    """``0.5 * mean((f - sg(f - g))^2)`` with ``g = tangent / (rms(tangent) + c)`` per sample: the gradient
+    w.r.t. the student's x0 is ``g / numel`` (descent moves f(x_t, t) against its change along the ODE)."""
+    dims = tuple(range(1, tangent.dim()))
+    g = tangent.detach().float()
+    g = g / (g.pow(2).mean(dim=dims, keepdim=True).sqrt() + c)
+    pred = pred.float()
+    return 0.5 * F.mse_loss(pred, (pred - g).detach())
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float = 0.001) -> torch.Tensor:
@@ -86,6 +113,17 @@ class ConsistencyMethod(DistillMethod):
         check_range(src, "method_config.target_ema_start", c.target_ema_start, 0)
         check_range(src, "method_config.huber_c", c.huber_c, 1e-12)
         check_range(src, "method_config.step_tolerance", c.step_tolerance, 0.0)
+        check_range(src, "method_config.fd_epsilon", c.fd_epsilon, 1e-9, 0.5)
+        check_range(src, "method_config.tangent_norm_c", c.tangent_norm_c, 0.0)
+        backend = cfg.roles["student"].attention_backend or cfg.training.attention_backend
+        if c.time == "continuous" and c.jvp == "forward_ad" and backend != "_native_math":
+            fail(
+                src,
+                "method_config.jvp",
+                "forward_ad needs roles.student.attention_backend: _native_math (torch's fused SDPA kernels "
+                "have no forward-mode derivative: 'Trying to use forward AD with _scaled_dot_product_flash_"
+                "attention_for_cpu that does not support it'); or use jvp: finite_difference",
+            )
         cls.schedule_from(cfg)
 
     @classmethod
@@ -99,9 +137,14 @@ class ConsistencyMethod(DistillMethod):
     @classmethod
     def describe(cls, cfg: RunConfig) -> list[str]:
         c = cfg.method_config
+        how = (
+            f"N = {c.num_discretization_steps} teacher ODE steps, {c.loss} loss, target EMA {c.target_ema_decay} "
+            f"after {c.target_ema_start} student steps"
+            if c.time == "discrete"
+            else f"continuous time, tangent by {c.jvp}, normalised with c = {c.tangent_norm_c}"
+        )
         return [
-            f"consistency: N = {c.num_discretization_steps} teacher ODE steps, teacher CFG {c.guidance_scale}, "
-            f"{c.loss} loss, target EMA {c.target_ema_decay} after {c.target_ema_start} student steps",
+            f"consistency: {how}, teacher CFG {c.guidance_scale}",
             f"consistency: exported {describe_schedule(cls.schedule_from(cfg))}",
         ]
 
@@ -113,6 +156,8 @@ class ConsistencyMethod(DistillMethod):
 
     def build_callbacks(self) -> list:
         c = self.config
+        if c.time == "continuous":
+            return []
         # min_decay = decay: a constant decay once started (diffusers' EMAModel would ramp (1 + k) / (10 + k))
         d = c.target_ema_decay
         spec = EMASpec(decay=d, min_decay=d, update_after_step=c.target_ema_start, export=False, validate=False)
@@ -139,10 +184,37 @@ class ConsistencyMethod(DistillMethod):
         boundary = (t_prev == 0).view(-1, *([1] * (x0.dim() - 1)))
         return torch.where(boundary, x_prev.float(), x0)
 
+    def tangent(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """df/dt of the student's x0 along the teacher's CFG ODE at (x_t, t), per timestep unit (no gradient)."""
+        g = self.config.guidance_scale
+        neg = self.negative(cond) if g != 1.0 else None
+        v = self.adapter.predict_cfg(self.bundle["teacher"], x_t, t, cond, neg, g)
+        dx_dt = self.noise.step(x_t, v, t, t + 1, None, "ode") - x_t  # the ODE over one timestep unit
+        student = self.bundle["student"]
+
+        def f(x, tt):
+            return self.adapter.predict_x0(student, x, tt, cond)
+
+        if self.config.jvp == "forward_ad":
+            return torch.func.jvp(f, (x_t, t), (dx_dt, torch.ones_like(t)))[1]
+        e = self.config.fd_epsilon * self.noise.num_train_timesteps
+        return (f(x_t + e * dx_dt, t + e) - f(x_t - e * dx_dt, t - e)) / (2 * e)
+
+    def continuous_step(self, x0, cond, rng) -> tuple[dict[str, torch.Tensor], dict]:
+        t = self.noise.timesteps_from_uniform(rng.rand())
+        x_t = self.noise.add_noise(x0, rng.randn_like(x0), t)
+        with torch.no_grad():
+            tangent = self.tangent(x_t, t, cond)
+        pred = self.adapter.predict_x0(self.bundle["student"], x_t, t, cond)
+        loss = continuous_consistency_loss(pred, tangent, self.config.tangent_norm_c)
+        return {"total_loss": loss, "consistency_loss": loss.detach()}, {"timesteps": t, "student_x0": pred.detach()}
+
     # --- the step ---------------------------------------------------------------------
     def train_step(self, batch: dict, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
         x0 = self.adapter.normalize_latents(batch["latents"])
         cond, rng = self.adapter.conditioning(batch), self.sample_noise(batch)
+        if self.config.time == "continuous":
+            return self.continuous_step(x0, cond, rng)
         n = rng.randint(self.config.num_discretization_steps) + 1  # [B] in 1..N
         t, t_prev = self.grid[n], self.grid[n - 1]
         x_t = self.noise.add_noise(x0, rng.randn_like(x0), t)
