@@ -32,30 +32,22 @@ from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
-from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pipeline
-from accel_distill.families.wan import WanEncoder, component_config, role_source
+from accel_distill.families.encoder_loading import LazyEncoders
+from accel_distill.families.wan import component_config, role_source
 from accel_distill.noise import DDPMVPrediction
 from accel_distill.precision import half_dtype_for
 from accel_distill.prompts import pad_tokens
 from accel_distill.registry import METHODS, register_family
 
 
-class CogVideoXEncoder:
-    """CogVideoX's VAE + T5 text encoder from a diffusers folder or Hub id (weights load on first use)."""
+class CogVideoXEncoder(LazyEncoders):
+    """CogVideoX's VAE + T5 text encoder from a diffusers folder or Hub id (weights load on first use); Wan's
+    size rules fit it (a 4x temporal, 8x spatial VAE and patch 2), text-to-video (no extra conditioning)."""
 
-    # Wan's size rules, latent shape and VAE call fit (a 4x temporal, 8x spatial VAE and patch 2); no
-    # conditioning tensors besides the latent (text-to-video)
-    check_video_size = WanEncoder.check_video_size
-    latent_shape = WanEncoder.latent_shape
-    encode_video = WanEncoder.encode_video
-    encode_conditioning = WanEncoder.encode_conditioning
+    vae_class = "AutoencoderKLCogVideoX"
+    pipeline_class = "CogVideoXPipeline"
 
-    def __init__(self, source: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None):
-        self.source = os.path.expanduser(source)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.revision = revision
-        vae = component_config(self.source, "vae")
+    def configure(self, vae: dict) -> None:
         self.latent_channels = int(vae["latent_channels"])
         self.temporal_factor = int(vae.get("temporal_compression_ratio", 4))
         self.spatial_factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
@@ -64,23 +56,6 @@ class CogVideoXEncoder:
         except ConfigError:
             patch = 2
         self.spatial_multiple = self.spatial_factor * patch
-        self._vae = None
-        self._pipe = None
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
-            self._vae = load_frozen_vae("AutoencoderKLCogVideoX", self.source, **kw)
-        return self._vae
-
-    @property
-    def pipe(self):
-        """A CogVideoXPipeline holding only the tokenizer and the T5 encoder."""
-        if self._pipe is None:
-            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
-            self._pipe = load_text_pipeline("CogVideoXPipeline", self.source, without=("transformer", "vae"), **kw)
-        return self._pipe
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:

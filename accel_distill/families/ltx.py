@@ -36,8 +36,8 @@ from accel_distill.config.schema import RoleConfig, RunConfig
 from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
-from accel_distill.families.encoder_loading import load_frozen_vae, load_text_pipeline
-from accel_distill.families.wan import WanEncoder, WanFamily, component_config, role_source
+from accel_distill.families.encoder_loading import LazyEncoders
+from accel_distill.families.wan import WanFamily, component_config, role_source
 from accel_distill.noise import RectifiedFlow
 from accel_distill.registry import register_family
 from accel_distill.schedule import NUM_TRAIN_TIMESTEPS, FewStepSchedule, checked_timesteps, max_timestep_error
@@ -155,40 +155,17 @@ def compression_ratios(vae: dict) -> tuple[int, int]:
     return int(spatial), int(temporal)
 
 
-class LTXEncoder:
-    """LTX-Video's VAE + T5 text encoder from a diffusers folder or Hub id (weights load on first use)."""
+class LTXEncoder(LazyEncoders):
+    """LTX-Video's VAE + T5 text encoder from a diffusers folder or Hub id (weights load on first use):
+    H, W multiples of the spatial ratio (and of 32), frames k t + 1."""
 
-    check_video_size = WanEncoder.check_video_size  # H, W multiples of the spatial ratio, frames k t + 1
-    latent_shape = WanEncoder.latent_shape
-    encode_video = WanEncoder.encode_video
-    encode_conditioning = WanEncoder.encode_conditioning
+    vae_class = "AutoencoderKLLTXVideo"
+    pipeline_class = "LTXPipeline"
 
-    def __init__(self, source: str, *, dtype: torch.dtype, device: torch.device, revision: str | None = None):
-        self.source = os.path.expanduser(source)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.revision = revision
-        vae = component_config(self.source, "vae")
+    def configure(self, vae: dict) -> None:
         self.latent_channels = int(vae["latent_channels"])
         self.spatial_factor, self.temporal_factor = compression_ratios(vae)
         self.spatial_multiple = max(self.spatial_factor, 32)  # LTXPipeline: height and width divisible by 32
-        self._vae = None
-        self._pipe = None
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
-            self._vae = load_frozen_vae("AutoencoderKLLTXVideo", self.source, **kw)
-        return self._vae
-
-    @property
-    def pipe(self):
-        """An LTXPipeline holding only the tokenizer and the T5 encoder."""
-        if self._pipe is None:
-            kw = dict(revision=self.revision, dtype=self.dtype, device=self.device)
-            self._pipe = load_text_pipeline("LTXPipeline", self.source, without=("transformer", "vae"), **kw)
-        return self._pipe
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str], max_length: int) -> list[torch.Tensor]:
