@@ -23,17 +23,16 @@ extra input channels, ``ofs`` embeddings); both are refused when the config is l
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
 from accel_distill.config.schema import RoleConfig, RunConfig
-from accel_distill.config.validate import fail, looks_local
+from accel_distill.config.validate import fail
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
 from accel_distill.families.encoder_loading import LazyEncoders
-from accel_distill.families.wan import component_config, role_source
+from accel_distill.families.wan import check_subfolder, component_config, role_config, role_source
 from accel_distill.noise import DDPMVPrediction
 from accel_distill.precision import half_dtype_for
 from accel_distill.prompts import pad_tokens
@@ -132,13 +131,6 @@ def _alphas_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in spacing}
 
 
-def _role_config(cfg: RunConfig, role: str, subfolder: str) -> dict:
-    try:
-        return component_config(role_source(cfg.roles[role]), subfolder)
-    except ConfigError as e:
-        raise ConfigError(f"{cfg.source}: roles.{role}.path: {e}") from None
-
-
 @register_family("cogvideox")
 class CogVideoXFamily(Family):
     """CogVideoX 1.0 text-to-video transformers (2b: sin-cos positions, 5b: rotary positions)."""
@@ -155,10 +147,9 @@ class CogVideoXFamily(Family):
             fail(src, "pipeline_config.boundary_ratio", "CogVideoX has one transformer (no second expert)")
         lengths, spaces = set(), {}
         for role, rc in cfg.roles.items():
-            if looks_local(rc.path) and not os.path.isdir(os.path.join(role_source(rc), rc.subfolder)):
-                fail(src, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
-            transformer = _role_config(cfg, role, rc.subfolder)
-            vae, scheduler = _role_config(cfg, role, "vae"), _role_config(cfg, role, "scheduler")
+            check_subfolder(cfg, role)
+            transformer = role_config(cfg, role, rc.subfolder)
+            vae, scheduler = role_config(cfg, role, "vae"), role_config(cfg, role, "scheduler")
             key = f"roles.{role}.path"
             if transformer.get("patch_size_t") is not None:
                 fail(src, key, f"{rc.path}: CogVideoX 1.5 (patch_size_t) is not supported yet")
@@ -198,7 +189,7 @@ class CogVideoXFamily(Family):
     @classmethod
     def noise_schedule(cls, cfg: RunConfig, role: str) -> DDPMVPrediction:
         """The DDPM schedule of ``role``'s model, from its scheduler config."""
-        return DDPMVPrediction(_role_config(cfg, role, "scheduler"))
+        return DDPMVPrediction(role_config(cfg, role, "scheduler"))
 
     @classmethod
     def few_step_schedule(cls, cfg: RunConfig, steps, *, key: str, tolerance: float, kind: str):
@@ -240,11 +231,11 @@ class CogVideoXFamily(Family):
 
     def make_adapter(self, role: str) -> CogVideoXAdapter:
         rc = self.cfg.roles[role]
-        transformer = _role_config(self.cfg, role, rc.subfolder)
+        transformer = role_config(self.cfg, role, rc.subfolder)
         return CogVideoXAdapter(
             self.noise_schedule(self.cfg, role),
             latent_channels=int(transformer["in_channels"]),
-            scaling_factor=_role_config(self.cfg, role, "vae")["scaling_factor"],
+            scaling_factor=role_config(self.cfg, role, "vae")["scaling_factor"],
             transformer=transformer,
         )
 

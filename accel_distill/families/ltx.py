@@ -37,7 +37,7 @@ from accel_distill.config.validate import fail, looks_local
 from accel_distill.errors import ConfigError
 from accel_distill.families.base import Family, ModelAdapter
 from accel_distill.families.encoder_loading import LazyEncoders
-from accel_distill.families.wan import WanFamily, component_config, role_source
+from accel_distill.families.wan import WanFamily, check_subfolder, component_config, role_config, role_source
 from accel_distill.noise import RectifiedFlow
 from accel_distill.registry import register_family
 from accel_distill.schedule import NUM_TRAIN_TIMESTEPS, FewStepSchedule, checked_timesteps, max_timestep_error
@@ -234,13 +234,6 @@ class LTXAdapter(ModelAdapter):
         return LTXPipeline._unpack_latents(out, frames // pt, height // p, width // p, p, pt)
 
 
-def _role_config(cfg: RunConfig, role: str, subfolder: str) -> dict:
-    try:
-        return component_config(role_source(cfg.roles[role]), subfolder)
-    except ConfigError as e:
-        raise ConfigError(f"{cfg.source}: roles.{role}.path: {e}") from None
-
-
 @register_family("ltx")
 class LTXFamily(Family):
     """LTX-Video text-to-video transformers (0.9.x, ``LTXPipeline``)."""
@@ -255,10 +248,9 @@ class LTXFamily(Family):
             fail(src, "pipeline_config.boundary_ratio", "LTX-Video has one transformer (no second expert)")
         vaes = {}
         for role, rc in cfg.roles.items():
-            if looks_local(rc.path) and not os.path.isdir(os.path.join(role_source(rc), rc.subfolder)):
-                fail(src, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
-            transformer = _role_config(cfg, role, rc.subfolder)
-            vae = _role_config(cfg, role, "vae")
+            check_subfolder(cfg, role)
+            transformer = role_config(cfg, role, rc.subfolder)
+            vae = role_config(cfg, role, "vae")
             if int(transformer["in_channels"]) != int(vae["latent_channels"]):
                 fail(
                     src,
@@ -317,8 +309,8 @@ class LTXFamily(Family):
         mean, std = vae_latent_stats(role_source(rc), rc.revision)
         return LTXAdapter(
             LTXFlow(self.flow_shift()),
-            transformer=_role_config(self.cfg, role, rc.subfolder),
-            vae=_role_config(self.cfg, role, "vae"),
+            transformer=role_config(self.cfg, role, rc.subfolder),
+            vae=role_config(self.cfg, role, "vae"),
             latents_mean=mean,
             latents_std=std,
         )

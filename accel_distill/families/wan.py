@@ -99,13 +99,24 @@ def role_source(rc: RoleConfig) -> str:
     return os.path.expanduser(rc.path) if looks_local(rc.path) else rc.path
 
 
-def role_transformer_config(cfg: RunConfig, role: str) -> dict:
-    """The config of ``role``'s transformer (its ``subfolder``); unreadable is a ConfigError naming the role."""
-    rc = cfg.roles[role]
+def role_config(cfg: RunConfig, role: str, subfolder: str) -> dict:
+    """The config of one component of ``role``'s model; unreadable is a ConfigError naming the role."""
     try:
-        return component_config(role_source(rc), rc.subfolder)
+        return component_config(role_source(cfg.roles[role]), subfolder)
     except ConfigError as e:
         raise ConfigError(f"{cfg.source}: roles.{role}.path: {e}") from None
+
+
+def role_transformer_config(cfg: RunConfig, role: str) -> dict:
+    """The config of ``role``'s transformer (its ``subfolder``)."""
+    return role_config(cfg, role, cfg.roles[role].subfolder)
+
+
+def check_subfolder(cfg: RunConfig, role: str) -> None:
+    """A local role's transformer subfolder must exist (one line naming the key)."""
+    rc = cfg.roles[role]
+    if looks_local(rc.path) and not os.path.isdir(os.path.join(role_source(rc), rc.subfolder)):
+        fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
 
 
 @lru_cache(maxsize=16)
@@ -161,8 +172,7 @@ class WanFamily(Family):
     def validate_config(cls, cfg: RunConfig) -> None:
         experts = {}
         for role, rc in cfg.roles.items():
-            if looks_local(rc.path) and not os.path.isdir(os.path.join(os.path.expanduser(rc.path), rc.subfolder)):
-                fail(cfg.source, f"roles.{role}.subfolder", f"no folder {rc.subfolder!r} in {rc.path}")
+            check_subfolder(cfg, role)
             keys = cls.module_keys(cfg, role)
             cls.check_model(cfg, role, rc)
             experts[role] = len(keys)
