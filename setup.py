@@ -38,6 +38,7 @@ setup(
         "console_scripts": [
             "accel-distill-train=accel_distill.cli:main",
             "accel-distill-preprocess=accel_distill.preprocess.cli:main",
+            "accel-distill-generate=accel_distill.generate.cli:main",
         ]
     },
 )

@@ -26,9 +26,11 @@ import accel_distill.run
 from accel_distill.config import load_config
 from accel_distill.data import read_tensor_columns
 from accel_distill.generate.cli import main as generate_main
-from accel_distill.methods.kd import kd_loss, path_coefficients, path_x0, trajectory_point
+from accel_distill.generate.teacher import teacher_adapter, teacher_config
+from accel_distill.methods.kd import kd_loss
 from accel_distill.noise import RectifiedFlow
 from accel_distill.schedule import fit_few_step_schedule
+from accel_distill.trajectory import path_coefficients, path_x0, trajectory_point
 
 PROMPTS = ["a red cat", "the blue dog", "one green cat", "two red dog", "a photo", "the digit"]
 SIZE = ["--height", "32", "--width", "32", "--num-frames", "5", "--text-max-length", "16"]
@@ -155,6 +157,29 @@ def test_generate_writes_x0_and_the_trajectory_and_resumes(capsys, tmp_path, gen
     # other settings into the same folder: refused, naming what differs
     code, _, err = run_generate(capsys, *generate_args(tiny_teacher, prompts, out), "--steps", "4")
     assert code == 2 and "different settings" in err and "steps" in err
+
+
+def test_generate_at_the_student_steps_stores_the_teachers_path_there(
+    capsys, tmp_path, generated, tiny_teacher, prompts
+):
+    """--student-steps: the samples at exactly kd's fitted timesteps, where the teacher's Euler steps pass."""
+    out = tmp_path / "at"
+    code, _, _ = run_generate(capsys, *generate_args(tiny_teacher, prompts, out), "--student-steps", "1000,757,522")
+    assert code == 0
+    cfg = teacher_config(
+        "wan", str(tiny_teacher), revision=None, dtype=torch.float32, flow_shift=None, text_max_length=16, output=out
+    )
+    adapter, steps = teacher_adapter(cfg), torch.tensor(fit_few_step_schedule(STEPS).timesteps)
+    full, at = rows_of(generated), rows_of(out)
+    for rid, row in at.items():
+        assert row["vae_latent_bytes"] == full[rid]["vae_latent_bytes"]  # the same teacher samples
+        assert torch.equal(read_tensor_columns(row, "traj_timesteps"), steps)
+        points, times = read_tensor_columns(full[rid], "traj_latents"), read_tensor_columns(full[rid], "traj_timesteps")
+        x0 = adapter.normalize_latents(read_tensor_columns(full[rid], "vae_latent")[None])
+        want = trajectory_point(
+            adapter.noise, points.expand(3, *points.shape), times.expand(3, -1), x0.expand(3, -1, -1, -1, -1), steps
+        )
+        torch.testing.assert_close(read_tensor_columns(row, "traj_latents"), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,23 @@ from accel_distill.preprocess.cli import distributed, model_args, positive, shar
 DEFAULT_STEPS = 48  # FastVideo's teacher trajectories
 
 
-def _steps_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected step indices N,N,..., got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected step indices N,N,..., got {text!r}")
-    return values
+def _number_list(kind: type, what: str):
+    """An argparse type: ``"a,b,..."`` -> a non-empty list of ``kind``."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+_steps_list = _number_list(int, "step indices N,N,...")
+_timesteps = _number_list(float, "timesteps T,T,...")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="indices (0 .. steps-1) of the steps whose starting sample is stored in traj_latents (default: all)",
     )
+    p.add_argument(
+        "--student-steps",
+        type=_timesteps,
+        default=None,
+        help="instead of --save-steps: store the teacher's samples at exactly these timesteps, fitted as method kd "
+        "fits method_config.kd_denoising_steps (e.g. 1000,937,833,624): kd then reads them without interpolating",
+    )
+    p.add_argument("--step-tolerance", type=float, default=1.0, help="as kd's method_config.step_tolerance")
     p.add_argument("--seed", type=int, default=0, help="row i starts from the noise of seed (seed, i) (default 0)")
     p.add_argument("--batch-size", type=positive(int), default=1, help="rows sampled together (default 1)")
     p.add_argument("--negative-prompt", default="", help='the unconditional prompt for CFG (default "")')
@@ -76,20 +93,22 @@ def settings(args: argparse.Namespace, digest: str, count: int) -> dict:
     """What the shards depend on: a re-run with other settings into the same folder is refused."""
     keys = ["model", "family", "revision", "dtype", "text_max_length", "rows_per_shard", "store_dtype", "prompts"]
     keys += ["data", "height", "width", "num_frames", "steps", "guidance_scale", "flow_shift", "save_steps", "seed"]
-    keys += ["batch_size", "negative_prompt", "negative_embeds"]
+    keys += ["student_steps", "step_tolerance", "batch_size", "negative_prompt", "negative_embeds"]
     return {"command": "generate", **{k: getattr(args, k) for k in keys}, "inputs": count, "inputs_digest": digest}
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Argument errors that need no model."""
-    if args.save_steps is None:
+    if args.student_steps is not None and args.save_steps is not None:
+        raise ConfigError("--student-steps replaces --save-steps: give one or the other")
+    if args.save_steps is None and args.student_steps is None:
         args.save_steps = list(range(args.steps))
-    bad = [s for s in args.save_steps if not 0 <= s < args.steps]
+    bad = [s for s in args.save_steps or () if not 0 <= s < args.steps]
     if bad:
         raise ConfigError(
             f"--save-steps {bad[0]}: step indices must lie in 0 .. {args.steps - 1} (--steps {args.steps})"
         )
-    if sorted(set(args.save_steps)) != args.save_steps:
+    if args.save_steps is not None and sorted(set(args.save_steps)) != args.save_steps:
         raise ConfigError(f"--save-steps {args.save_steps}: must be increasing, without repeats")
     if args.guidance_scale < 1.0:
         raise ConfigError(f"--guidance-scale {args.guidance_scale}: must be >= 1 (1: no guidance)")
@@ -102,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from accel_distill.preprocess.encode import make_encoder, resolve_dtype
     from accel_distill.preprocess.shards import ShardStore
     from accel_distill.prompts import load_embedding_file, pad_tokens
+    from accel_distill.registry import FAMILIES
 
     from .inputs import ParquetInputs, PromptInputs
     from .job import GenerateJob, generate
@@ -121,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
         text_max_length=args.text_max_length,
         output=args.output,
     )
+    student_timesteps = ()
+    if args.student_steps is not None:  # the timesteps a kd run with these steps trains at, exactly
+        fit = FAMILIES[args.family].few_step_schedule(
+            cfg, args.student_steps, key="--student-steps", tolerance=args.step_tolerance, kind="ode"
+        )
+        student_timesteps = fit.timesteps
     store_dtype = dtype_of(args.store_dtype)
     if args.prompts is not None:
         inputs = PromptInputs(args.prompts, encoder, text_max_length=args.text_max_length, store_dtype=store_dtype)
@@ -148,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         num_frames=args.num_frames,
         guidance_scale=args.guidance_scale,
-        save_steps=args.save_steps,
+        save_steps=args.save_steps or (),
+        save_timesteps=student_timesteps,
         seed=args.seed,
         batch_size=args.batch_size,
         text_max_length=args.text_max_length,

@@ -32,7 +32,9 @@ class GenerateJob:
     width: int
     num_frames: int
     guidance_scale: float
-    save_steps: Sequence[int]
+    # the trajectory: the samples these teacher steps start from, or the samples at these timesteps
+    save_steps: Sequence[int] = ()
+    save_timesteps: Sequence[float] = ()
     seed: int = 0
     batch_size: int = 1
     text_max_length: int = 512
@@ -104,9 +106,12 @@ def sample_rows(
     cond = adapter.conditioning({"text_embeds": text})
     neg = adapter.negative(cond, neg_text.to(device)) if neg_text is not None else None
     noise = row_noise(job.seed, positions, job.latent_shape)
-    x0, traj = teacher.sample(noise, cond, neg, job.guidance_scale, job.save_steps)
+    x0, traj = teacher.sample(noise, cond, neg, job.guidance_scale, steps=job.save_steps, at=job.save_timesteps)
     raw = adapter.denormalize_latents(x0).cpu()  # the latent column is un-normalised, as preprocess stores it
-    timesteps = teacher.timesteps[list(job.save_steps)]
+    if job.save_steps:
+        timesteps = teacher.timesteps[list(job.save_steps)]
+    else:
+        timesteps = torch.tensor(list(job.save_timesteps), dtype=torch.float32)
     traj = traj.cpu()
     for i, row in enumerate(rows):
         row.update(

@@ -20,6 +20,7 @@ from accel_distill.families.base import Conditioning, ModelAdapter
 from accel_distill.registry import FAMILIES, load_builtins
 from accel_distill.roles import RoleHandle, apply_trainable
 from accel_distill.schedule import StockSchedule, with_step_count
+from accel_distill.trajectory import path_point
 
 ROLE = "teacher"
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -35,14 +36,16 @@ def teacher_config(
     text_max_length: int,
     output: str,
 ) -> RunConfig:
-    """A run config holding only the ``teacher`` role, checked by the family before any weights load.
+    """A run config of the ``teacher`` role, checked by the family before any weights load.
 
-    ``recipe.method`` is ``kd``, the method that reads what generation writes; nothing of it runs here.
+    ``recipe.method`` is ``kd``, the method that reads what generation writes, with its ``student`` role on the
+    same model (only so that student timesteps are fitted as a kd run fits them); nothing of it runs here.
     """
     load_builtins()
+    role = RoleConfig(path=model, revision=revision, precision=PRECISIONS[dtype])
     cfg = RunConfig(
         recipe=RecipeConfig(family=family, method="kd"),
-        roles={ROLE: RoleConfig(path=model, revision=revision, precision=PRECISIONS[dtype])},
+        roles={ROLE: role, "student": RoleConfig(path=model, revision=revision, trainable=True)},
         training=TrainingConfig(output_dir=output, data_path=output),
         pipeline_config=PipelineConfig(flow_shift=flow_shift, text_max_length=text_max_length),
         method_config=None,
@@ -83,20 +86,47 @@ class Teacher:
 
     @torch.no_grad()
     def sample(
-        self, noise: torch.Tensor, cond: Conditioning, neg: Conditioning | None, guidance: float, save: Sequence[int]
+        self,
+        noise: torch.Tensor,
+        cond: Conditioning,
+        neg: Conditioning | None,
+        guidance: float,
+        *,
+        steps: Sequence[int] = (),
+        at: Sequence[float] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(final x0 ``[B, C, T, H, W]``, samples of steps ``save`` ``[B, S, C, T, H, W]``), model space, float32."""
-        wanted, kept = set(save), {}
+        """(final x0 ``[B, C, T, H, W]``, trajectory ``[B, S, C, T, H, W]``), model space, float32.
+
+        The trajectory holds the samples steps ``steps`` start from, or the samples at timesteps ``at``
+        (each on the path of the teacher's step across it, :func:`accel_distill.trajectory.path_point`).
+        """
+        wanted, kept, found, last = set(steps), {}, {}, {}
+
+        def cross(t_b: float, x_b: torch.Tensor) -> None:  # the step from the last sample to x_b at t_b
+            def full(v: float) -> torch.Tensor:
+                return torch.full((x_b.shape[0],), v, device=x_b.device)
+
+            for k, tau in enumerate(at):
+                if k not in found and t_b < tau <= last["t"]:
+                    found[k] = path_point(self.adapter.noise, last["x"], full(last["t"]), x_b, full(t_b), full(tau))
 
         def keep(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+            x = x.float()
             if i in wanted:
-                kept[i] = x.float().clone()
+                kept[i] = x.clone()
+            if at:
+                if last:
+                    cross(self.schedule.timesteps[i], x)
+                last.update(t=self.schedule.timesteps[i], x=x.clone())
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.adapter.predict_cfg(self.role, x, t, cond, neg, guidance)
 
-        x0 = self.adapter.noise.sample(predict, self.schedule, noise.to(self.device), on_step=keep)
-        return x0.float(), torch.stack([kept[i] for i in save], dim=1)
+        x0 = self.adapter.noise.sample(predict, self.schedule, noise.to(self.device), on_step=keep).float()
+        if at:
+            cross(0.0, x0)
+        traj = [kept[i] for i in steps] if steps else [found[k] for k in range(len(at))]
+        return x0, torch.stack(traj, dim=1)
 
 
 def teacher_schedule(noise, steps: int) -> StockSchedule:

@@ -28,9 +28,9 @@ from accel_distill.config.validate import check_range, fail
 from accel_distill.data.schema import TRAJ_LATENTS, TRAJ_TIMESTEPS
 from accel_distill.errors import DataError
 from accel_distill.methods.base import DistillMethod, student_schedule
-from accel_distill.noise import NoiseSchedule
 from accel_distill.registry import register_method
 from accel_distill.schedule import StockSchedule
+from accel_distill.trajectory import broadcast, path_coefficients, path_x0, trajectory_point
 
 WRITER = "teacher trajectories, written by `python -m accel_distill.generate`"
 
@@ -45,47 +45,6 @@ class KDConfig:
     loss_space: Literal["native", "x0"] = "native"
     # How far (in timestep units) the exported scheduler may miss a requested step.
     step_tolerance: float = 1.0
-
-
-def path_coefficients(noise: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, s) with x_t = a x0 + s noise at per-sample timesteps ``t`` [B], shaped to broadcast over ``like``;
-    ``t == 0`` is the clean end (1, 0) whatever the schedule's first training timestep is."""
-    shape = (t.shape[0], *([1] * (like.dim() - 1)))
-    one, zero = torch.ones(shape, device=like.device), torch.zeros(shape, device=like.device)
-    clean = (t == 0).view(shape)
-    return torch.where(clean, 1.0, noise.add_noise(one, zero, t)), torch.where(
-        clean, 0.0, noise.add_noise(zero, one, t)
-    )
-
-
-def path_x0(x_a: torch.Tensor, ca: tuple, x_b: torch.Tensor, cb: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, noise) of the deterministic path x = a x0 + s noise through x_a (coefficients ``ca``) and x_b (``cb``)."""
-    (a1, s1), (a2, s2) = ca, cb
-    det = a1 * s2 - a2 * s1
-    return (s2 * x_a - s1 * x_b) / det, (a1 * x_b - a2 * x_a) / det
-
-
-def trajectory_point(
-    noise: NoiseSchedule, points: torch.Tensor, times: torch.Tensor, clean: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """The teacher's sample at per-sample timesteps ``t`` [B] from stored ``points`` [B, S, ...] at ``times`` [B, S]
-    (decreasing, > 0) and the final x0 ``clean`` [B, ...] at timestep 0: a stored point (or ``clean``) where ``t``
-    is its timestep, else the deterministic path through the two neighbours. ``t`` must not exceed ``times[:, 0]``."""
-    b, n = torch.arange(t.shape[0], device=t.device), times.shape[1]
-    above = ((times >= t.unsqueeze(1)).sum(1) - 1).clamp(0, n - 1)  # the last stored point at or above t
-    below = (above + 1).clamp(max=n - 1)
-    has_below = _bcast(above + 1 < n, clean)  # else the clean end is the neighbour below
-    x_a, t_a = points[b, above], times[b, above]
-    x_b = torch.where(has_below, points[b, below], clean)
-    t_b = torch.where(above + 1 < n, times[b, below], 0.0)
-    x0, eps = path_x0(x_a, path_coefficients(noise, t_a, clean), x_b, path_coefficients(noise, t_b, clean))
-    a, s = path_coefficients(noise, t, clean)
-    between = a * x0 + s * eps
-    return torch.where(_bcast(t == t_a, clean), x_a, torch.where(_bcast(t == t_b, clean), x_b, between))
-
-
-def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 def kd_loss(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target_x0: torch.Tensor, noise, space: str):
@@ -180,7 +139,7 @@ class KDMethod(DistillMethod):
             t_next = self.next_timesteps[i]
             x_next = trajectory_point(noise, points, times, x0, t_next)
             x_implied, _ = path_x0(x_t, path_coefficients(noise, t, x0), x_next, path_coefficients(noise, t_next, x0))
-            target = torch.where(_bcast(t_next == 0, x0), x0, x_implied)
+            target = torch.where(broadcast(t_next == 0, x0), x0, x_implied)
         pred = self.adapter.predict(student, x_t, t, cond)
         loss = kd_loss(pred, x_t, t, target, noise, self.config.loss_space)
         return {"total_loss": loss, "kd_loss": loss.detach()}, {"student_timesteps": t}
