@@ -20,6 +20,7 @@ from conftest import base_config, write_config
 from launching import launch
 from safetensors.torch import load_file
 from stock_sampling import assert_stock_wan_samples
+from test_host_syncs import HOST_ONLY, run_counting
 from test_mixed_precision import fresh_accelerate  # noqa: F401  (a fixture)
 
 import accel_distill.run
@@ -268,3 +269,12 @@ def test_kd_on_data_without_trajectories_names_the_file_and_column(capsys, tmp_p
         "teacher trajectories, written by `python -m accel_distill.generate`)"
     ]
     assert not (tmp_path / "out" / "checkpoints").exists()  # stopped before any step
+
+
+def test_kd_makes_one_host_sync_per_iteration_after_its_first(tmp_path, tiny_wan, generated):
+    """The trainer's finiteness check only; the first iteration also checks the trajectories' shapes and range."""
+    counts = run_counting(tmp_path, tiny_wan, tiny_wan, generated, "kd", kd_denoising_steps=STEPS)
+    first = {site: n for site, n in counts[0].items() if site not in HOST_ONLY}
+    assert first == {"/trainer/loop.py:_finite": 1, "/methods/kd.py:check_trajectories": 1}, dict(counts[0])
+    for sites in counts[1:]:
+        assert {site: n for site, n in sites.items() if site not in HOST_ONLY} == {"/trainer/loop.py:_finite": 1}

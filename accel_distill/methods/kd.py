@@ -114,11 +114,11 @@ class KDMethod(DistillMethod):
                 f"{where}: {TRAJ_LATENTS} {list(points.shape[1:])} and {TRAJ_TIMESTEPS} {list(times.shape[1:])} do "
                 f"not fit the latent {list(x0.shape[1:])} (expected [S, *latent] and [S])"
             )
-        top = float(times[:, 0].min())
-        if top < float(self.timesteps[0]):
+        top, first = float(times[:, 0].min()), self.schedule.timesteps[0]  # the run's one extra sync
+        if top < first:
             raise DataError(
                 f"{where}: the stored trajectory starts at timestep {top:g}, below the student's first step "
-                f"{float(self.timesteps[0]):g}: generate with --save-steps including step 0"
+                f"{first:g}: generate with --save-steps including step 0 (or --student-steps)"
             )
         self._checked = True
 
