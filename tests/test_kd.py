@@ -183,6 +183,20 @@ def test_generate_at_the_student_steps_stores_the_teachers_path_there(
         torch.testing.assert_close(read_tensor_columns(row, "traj_latents"), want, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_from_embedded_prompts_keeps_ids_captions_and_embeddings(capsys, tmp_path, tiny_teacher, text_data):
+    out = tmp_path / "from-data"
+    args = ["--model", tiny_teacher, "--data", text_data, "--output", out, *SIZE, "--steps", "2", "--save-steps", "1"]
+    code, stdout, _ = run_generate(capsys, *args, "--guidance-scale", "1", "--rows-per-shard", "8")
+    assert code == 0 and "16 rows in 2 shard(s)" in stdout, stdout
+    source = {r["id"]: r for r in pq.read_table(text_data).to_pylist()}
+    rows = rows_of(out)
+    assert rows.keys() == source.keys()
+    for rid, row in rows.items():
+        assert row["caption"] == source[rid]["caption"]
+        assert row["text_embedding_bytes"] == source[rid]["text_embedding_bytes"]  # as stored, unpadded
+        assert read_tensor_columns(row, "traj_latents").shape == (1, 16, 2, 4, 4)
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
