@@ -50,43 +50,58 @@ TRANSFORMER_CONFIG = dict(
 )
 
 
-def make_tokenizer():
+def make_tokenizer(extra_words: tuple[str, ...] = ()):
+    """Word-level tokenizer over the caption words (``extra_words`` appended: the video captions')."""
     words = ["a", "an", "the", "handwritten", "digit", "number", *DIGIT_WORDS]
-    return word_tokenizer(words + "zero one two three four five six seven eight nine".split())
+    return word_tokenizer(words + "zero one two three four five six seven eight nine".split() + list(extra_words))
 
 
-def build_base(path: Path, vae, seed: int = 0) -> Path:
-    """Complete WanPipeline folder with the trained VAE and random text encoder / transformer."""
+def build_base(
+    path: Path, vae, seed: int = 0, extra_words: tuple[str, ...] = (), transformer: dict | None = None
+) -> Path:
+    """Complete WanPipeline folder with the trained VAE and random text encoder / transformer.
+
+    ``transformer``: overrides of ``TRANSFORMER_CONFIG``.
+    """
     from diffusers import WanTransformer3DModel
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(extra_words)
     torch.manual_seed(seed)
     text_encoder = tiny_text_encoder(len(tokenizer), TEXT_DIM)
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    model = WanTransformer3DModel(**dict(TRANSFORMER_CONFIG, **(transformer or {})))
     return save_pipeline(
-        path, transformer=transformer, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, flow_shift=FLOW_SHIFT
+        path, transformer=model, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, flow_shift=FLOW_SHIFT
     )
 
 
-def encode_split(base: Path, split: str, work: Path, seed: int = 0, limit: int | None = None) -> Path:
-    """One split -> ``work/data/<split>``: PNG + caption files, then ``preprocess videos`` -- the users' path."""
-    from accel_distill.digits.data import IMAGE_SIZE, load_split, write_split_images
+def preprocess_folder(base: Path, folder: Path, out: Path, media: list[str]) -> Path:
+    """``python -m accel_distill.preprocess videos`` on a folder of media + caption files -- the users' path.
+
+    ``media``: the media arguments (``--media``, size, frames, fps).
+    """
     from accel_distill.preprocess.cli import main as preprocess_main
 
-    images = write_split_images(load_split(split, seed=seed), work / "images" / split, limit=limit)
-    out = work / "data" / split
-    args = ["videos", "--input", str(images), "--model", str(base), "--output", str(out), "--media", "image"]
-    args += ["--height", str(IMAGE_SIZE), "--width", str(IMAGE_SIZE), "--num-frames", "1", "--strict"]
+    args = ["videos", "--input", str(folder), "--model", str(base), "--output", str(out), *media, "--strict"]
     args += ["--text-max-length", str(TEXT_MAX_LENGTH), "--vae-batch-size", "64", "--rows-per-shard", "512"]
     args += ["--row-group-size", "64", "--decode-workers", "0"]
     code = preprocess_main(args)
     if code != 0:
-        raise SystemExit(f"preprocess of the {split} split failed with exit code {code}")
+        raise SystemExit(f"preprocess of {folder} failed with exit code {code}")
     return out
 
 
-def train_teacher(work: Path, fast: bool) -> Path:
+def encode_split(base: Path, split: str, work: Path, seed: int = 0, limit: int | None = None) -> Path:
+    """One split -> ``work/data/<split>``: PNG + caption files, then ``preprocess videos``."""
+    from accel_distill.digits.data import IMAGE_SIZE, load_split, write_split_images
+
+    images = write_split_images(load_split(split, seed=seed), work / "images" / split, limit=limit)
+    media = ["--media", "image", "--height", str(IMAGE_SIZE), "--width", str(IMAGE_SIZE), "--num-frames", "1"]
+    return preprocess_folder(base, images, work / "data" / split, media)
+
+
+def train_teacher(work: Path, fast: bool, config: str = TEACHER_CONFIG) -> Path:
+    """The project's ``finetune`` recipe ``config`` on ``work/base`` and ``work/data/train``; its export."""
     from accel_distill.cli import main as train_main
 
     run = work / "teacher_run"
@@ -97,7 +112,7 @@ def train_teacher(work: Path, fast: bool) -> Path:
     ]
     if fast:
         overrides += ["training.max_train_steps=4", "training.checkpointing_steps=2", "training.train_batch_size=8"]
-    code = train_main(["--config", TEACHER_CONFIG, *overrides])
+    code = train_main(["--config", config, *overrides])
     if code != 0:
         raise SystemExit(f"teacher finetune failed with exit code {code}")
     return run / "export"
@@ -124,38 +139,55 @@ def build(out: Path, work: Path, *, fast: bool = False, vae_steps: int = 2000, s
         encode_split(work / "base", split, work, seed=seed, limit=limit)
     print(f"[digits] base pipeline and parquet ready ({time.perf_counter() - start:.0f}s)")
     export = train_teacher(work, fast)
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(export, out)
-    (out / "digits_build.json").write_text(
-        json.dumps(
-            {
-                "built_by": "python -m accel_distill.digits.build",
-                "teacher_config": TEACHER_CONFIG,
-                "image_size": int(vae.config.get("scale_factor_spatial", 8)) * 2,
-                "text_max_length": TEXT_MAX_LENGTH,
-                "caption": "a handwritten digit N",
-                "split_seed": seed,
-                "fast": fast,
-            },
-            indent=2,
-        )
-    )
+    info = {
+        "built_by": "python -m accel_distill.digits.build",
+        "teacher_config": TEACHER_CONFIG,
+        "image_size": int(vae.config.get("scale_factor_spatial", 8)) * 2,
+        "text_max_length": TEXT_MAX_LENGTH,
+        "caption": "a handwritten digit N",
+        "split_seed": seed,
+        "fast": fast,
+    }
+    publish(export, out, info)
     print(f"[digits] teacher written to {out} ({time.perf_counter() - start:.0f}s)")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m accel_distill.digits.build", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="models/digits-wan")
-    p.add_argument("--work", default="outputs/digits_build")
+def publish(export: Path, out: Path, info: dict) -> None:
+    """Copy the teacher export to ``out`` with ``digits_build.json`` (how it was built, its sample size)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(export, out)
+    (out / "digits_build.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def run_cli(
+    argv: list[str] | None, build_fn, *, prog: str, description: str, out: str, work: str, vae_steps: int
+) -> int:
+    """The command line of a digits build (image or video): ``build_fn(out, work, fast=, vae_steps=, seed=)``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", default=out)
+    p.add_argument("--work", default=work)
     p.add_argument("--fast", action="store_true", help="few steps of everything (tests)")
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=vae_steps)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    build(Path(a.out), Path(a.work), fast=a.fast, vae_steps=a.vae_steps, seed=a.seed)
+    build_fn(Path(a.out), Path(a.work), fast=a.fast, vae_steps=a.vae_steps, seed=a.seed)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog, description = "python -m accel_distill.digits.build", __doc__.splitlines()[0]
+    return run_cli(
+        argv,
+        build,
+        prog=prog,
+        description=description,
+        out="models/digits-wan",
+        work="outputs/digits_build",
+        vae_steps=2000,
+    )
 
 
 if __name__ == "__main__":

@@ -47,14 +47,23 @@ def upscale(raw: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 def load_split(split: str = "train", *, seed: int = 0, held_out: float = 0.2, size: int = IMAGE_SIZE) -> DigitSplit:
-    """``split`` ("train", "held_out" or "all") of load_digits; the permutation is fixed by ``seed``."""
+    """``split`` of load_digits; the permutation is fixed by ``seed``.
+
+    "train" and "held_out" partition the digits; "validation" and "test" are the two halves of
+    "held_out" (the video model's splits: settings chosen on one, reported on the other); "all".
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     n = len(digits.target)
     perm = np.random.default_rng(seed).permutation(n)
     n_held = int(round(n * held_out))
-    idx = {"train": perm[n_held:], "held_out": perm[:n_held], "all": np.arange(n)}[split]
+    n_val = n_held // 2
+    splits = {"train": perm[n_held:], "held_out": perm[:n_held], "validation": perm[:n_val]}
+    splits.update(test=perm[n_val:n_held], all=np.arange(n))
+    if split not in splits:
+        raise ValueError(f"unknown digits split {split!r}; one of {sorted(splits)}")
+    idx = splits[split]
     idx = np.sort(idx)
     return DigitSplit(to_rgb8(digits.data[idx]), torch.as_tensor(digits.target[idx], dtype=torch.long), idx, size)
 

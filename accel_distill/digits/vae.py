@@ -58,9 +58,13 @@ def train_vae(
     kl_weight: float = 1e-6,
     seed: int = 0,
     log_every: int = 100,
+    config: dict | None = None,
 ):
-    """Train a fresh VAE on ``images`` [N, 3, 1, H, W]; returns it with latents_mean/std filled in."""
-    vae = make_vae(seed)
+    """Train a fresh VAE on ``images`` [N, 3, F, H, W]; returns it with latents_mean/std filled in.
+
+    ``config``: overrides of ``VAE_CONFIG`` (the video model's narrower one).
+    """
+    vae = make_vae(seed, **(config or {}))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)

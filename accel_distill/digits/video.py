@@ -1,0 +1,166 @@
+"""Moving digits: 9-frame clips of one scikit-learn digit crossing a 32x32 frame in a captioned direction.
+
+Each clip takes one digit of a split (``data.load_split``: the "train", "validation" and
+"test" digits are disjoint, fixed by seed), scales it to 16x16 the way ``preprocess
+videos`` scales images, and moves it left, right, up or down at 1 or 2 pixels per frame
+(the speed and the start position are random and not captioned: several modes per
+prompt, so the flow is not straight). The caption names digit and direction:
+"the digit 3 moves left". ``write_clips`` writes GIF + caption files (GIF is lossless
+for grey frames and is one of the video formats ``preprocess videos`` decodes with PyAV).
+
+``centroids`` / ``motion_direction`` invert the motion (the benchmark's motion accuracy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from accel_distill.digits.data import DigitSplit
+from accel_distill.preprocess.media import resize_center_crop, to_model_input
+
+NUM_FRAMES = 9  # Wan's 4k+1: 3 latent frames with the VAE's temporal factor 4
+FRAME_SIZE = 32  # 4x4 latents with the spatial factor 8
+DIGIT_SIZE = 16
+FPS = 10
+SPEEDS = (1, 2)  # pixels per frame, drawn per clip, not captioned
+DIRECTIONS = ("left", "right", "up", "down")
+STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per frame at speed 1
+VIDEO_WORDS = ["the", "digit", "moves", *DIRECTIONS]
+
+
+def video_caption(label: int, direction: int) -> str:
+    """ "the digit N moves DIRECTION" for digit ``label`` and ``DIRECTIONS[direction]``."""
+    return f"the digit {int(label)} moves {DIRECTIONS[int(direction)]}"
+
+
+@dataclass
+class Clips:
+    frames: np.ndarray  # [N, F, H, W] uint8 grey
+    labels: np.ndarray  # [N] the digit
+    directions: np.ndarray  # [N] index into DIRECTIONS
+    speeds: np.ndarray  # [N] pixels per frame
+    digit_indices: np.ndarray  # [N] rows of sklearn's load_digits
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> Clips:
+        """The clips at ``index`` (a slice or index array), as ``Clips``."""
+        return Clips(
+            *(
+                np.asarray(a)[index]
+                for a in (self.frames, self.labels, self.directions, self.speeds, self.digit_indices)
+            )
+        )
+
+    @property
+    def captions(self) -> list[str]:
+        return [video_caption(y, d) for y, d in zip(self.labels, self.directions)]
+
+    def rgb(self) -> torch.Tensor:
+        """[N, F, H, W, 3] uint8: what a GIF of the clip decodes to."""
+        return torch.from_numpy(np.repeat(self.frames[..., None], 3, axis=-1))
+
+    def pixels(self) -> torch.Tensor:
+        """[N, 3, F, H, W] in [-1, 1]: the model's input, exactly as ``preprocess videos`` makes it."""
+        return to_model_input(self.rgb())
+
+
+def sprites(split: DigitSplit, size: int = DIGIT_SIZE) -> np.ndarray:
+    """[N, size, size] uint8: the split's digits scaled as ``preprocess videos`` scales an image."""
+    return resize_center_crop(split.raw, size, size)[..., 0].numpy()
+
+
+def make_clips(
+    split: DigitSplit,
+    n: int,
+    *,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
+    directions: np.ndarray | None = None,
+    num_frames: int = NUM_FRAMES,
+    size: int = FRAME_SIZE,
+    speeds: tuple[int, ...] = SPEEDS,
+) -> Clips:
+    """``n`` clips of the split's digits; ``labels`` / ``directions`` fix what each clip shows (else drawn)."""
+    rng = np.random.default_rng(seed)
+    pics = sprites(split)
+    split_labels = split.labels.numpy()
+    d = pics.shape[-1]
+    if labels is None:
+        pick = rng.integers(len(split_labels), size=n)
+    else:
+        pools = {y: np.flatnonzero(split_labels == y) for y in range(10)}
+        pick = np.array([rng.choice(pools[int(y)]) for y in labels], dtype=np.int64)
+    dirs = rng.integers(len(DIRECTIONS), size=n) if directions is None else np.asarray(directions, dtype=np.int64)
+    speed = rng.choice(np.asarray(speeds), size=n)
+    frames = np.zeros((n, num_frames, size, size), dtype=np.uint8)
+    room = size - d
+    for k in range(n):
+        dy, dx = STEP[DIRECTIONS[dirs[k]]]
+        travel = int(speed[k]) * (num_frames - 1)
+        if travel > room:
+            raise ValueError(f"speed {speed[k]} moves {travel} px in {num_frames} frames; only {room} fit")
+        start = []
+        for step in (dy, dx):  # along the motion: the whole path stays inside; across it: anywhere
+            lo, hi = (travel, room) if step < 0 else (0, room - travel) if step > 0 else (0, room)
+            start.append(int(rng.integers(lo, hi + 1)))
+        for f in range(num_frames):
+            y, x = start[0] + dy * speed[k] * f, start[1] + dx * speed[k] * f
+            frames[k, f, y : y + d, x : x + d] = pics[pick[k]]
+    return Clips(frames, split_labels[pick], dirs, speed, split.indices[pick])
+
+
+def write_clips(clips: Clips, folder: Path, limit: int | None = None) -> Path:
+    """``clip-NNNNN.gif`` + ``clip-NNNNN.txt`` (caption) pairs: a folder ``preprocess videos`` reads."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = clips.captions
+    n = len(clips) if limit is None else min(limit, len(clips))
+    for k in range(n):
+        stem = folder / f"clip-{k:05d}"
+        images = [Image.fromarray(f) for f in clips.frames[k]]
+        images[0].save(stem.with_suffix(".gif"), save_all=True, append_images=images[1:], duration=1000 // FPS, loop=0)
+        stem.with_suffix(".txt").write_text(captions[k] + "\n")
+    return folder
+
+
+def to_gray_clips(frames: np.ndarray) -> np.ndarray:
+    """WanPipeline ``output_type="np"`` frames [N, F, H, W, 3] in [0, 1] -> [N, F, H, W] uint8."""
+    return (np.clip(np.asarray(frames).mean(-1), 0, 1) * 255).round().astype(np.uint8)
+
+
+def centroids(frames: np.ndarray) -> np.ndarray:
+    """[..., H, W] uint8 -> [..., 2] ink-weighted (y, x) centre of each frame (the frame centre if blank)."""
+    w = frames.astype(np.float64)
+    h, wd = w.shape[-2:]
+    total = w.sum((-2, -1))
+    ys, xs = np.arange(h, dtype=np.float64), np.arange(wd, dtype=np.float64)
+    cy = (w.sum(-1) * ys).sum(-1) / np.maximum(total, 1e-9)
+    cx = (w.sum(-2) * xs).sum(-1) / np.maximum(total, 1e-9)
+    blank = total <= 0
+    cy[blank], cx[blank] = (h - 1) / 2, (wd - 1) / 2
+    return np.stack([cy, cx], -1)
+
+
+def motion_direction(frames: np.ndarray) -> np.ndarray:
+    """[N, F, H, W] -> [N] index into DIRECTIONS: the one the centroid moved furthest along, first to last frame."""
+    c = centroids(frames)
+    moved = c[:, -1] - c[:, 0]  # (dy, dx)
+    units = np.array([STEP[d] for d in DIRECTIONS], dtype=np.float64)
+    return np.argmax(moved @ units.T, axis=1)
+
+
+def crops(frames: np.ndarray, size: int = DIGIT_SIZE) -> np.ndarray:
+    """[..., H, W] -> [..., size, size]: each frame cut around its centroid (zero padded), for the classifier."""
+    lead = frames.shape[:-2]
+    flat = frames.reshape(-1, *frames.shape[-2:])
+    c = np.rint(centroids(flat) - (size - 1) / 2).astype(np.int64)
+    pad = np.pad(flat, ((0, 0), (size, size), (size, size)))
+    out = np.stack([pad[k, y + size : y + 2 * size, x + size : x + 2 * size] for k, (y, x) in enumerate(c)])
+    return out.reshape(*lead, size, size)
