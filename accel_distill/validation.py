@@ -40,6 +40,7 @@ from diffusers.training_utils import free_memory
 
 from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import fail, looks_local
+from accel_distill.context_parallel import Parallelism
 from accel_distill.errors import ConfigError
 from accel_distill.methods.base import derived_seed
 from accel_distill.prompts import encode_cached, load_embedding_file
@@ -282,16 +283,19 @@ class ValidationCallback(Callback):
 
     def generate(self) -> torch.Tensor | None:
         """Latents ``[N, V, C, T, H, W]`` of all prompts, on the main process (None elsewhere). Collective."""
-        world, rank, n = self.acc.num_processes, self.acc.process_index, len(self.prompts)
+        # Prompts split over data-parallel ranks: a context-parallel group samples its prompts together.
+        par = self.rt.parallel or Parallelism(self.acc.num_processes, self.acc.process_index)
+        world, rank, n = par.dp_size, par.dp_rank, len(self.prompts)
         per_rank = -(-n // world)
         # Prompt k * world + rank on this rank; past the end, a repeat whose result is dropped.
         mine = [(k * world + rank) % n for k in range(per_rank)]
         with self.student_context():
             local = torch.stack([self.sample_prompt(i) for i in mine])  # [K, V, C, T, H, W]
-        gathered = self.acc.gather(local.contiguous()) if world > 1 else local
+        gathered = self.acc.gather(local.contiguous()) if self.acc.num_processes > 1 else local
         if not self.acc.is_main_process:
             return None
-        gathered = gathered.reshape(world, per_rank, *local.shape[1:]).cpu()
+        # processes are (data rank, context rank), context innermost; a group's ranks hold the same latents
+        gathered = gathered.reshape(world, par.cp_size, per_rank, *local.shape[1:])[:, 0].cpu()
         return torch.stack([gathered[i % world, i // world] for i in range(n)])
 
     # --- decoding and output ------------------------------------------------------------

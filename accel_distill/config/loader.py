@@ -83,6 +83,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str) -> None:
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Load, override and fully validate a run configuration."""
+    from accel_distill.context_parallel import validate_context_parallel
     from accel_distill.registry import FAMILIES, METHODS, load_builtins
 
     source = str(path)
@@ -122,6 +123,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     validate_roles(cfg, method_cls)
     validate_training(cfg)
     validate_speed_switches(cfg)
+    validate_context_parallel(cfg)
     family_cls.validate_config(cfg)
     method_cls.validate_config(cfg)
     return cfg

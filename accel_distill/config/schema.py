@@ -109,6 +109,10 @@ class TrainingConfig:
     attention_backend: str | None = None
     # Regional torch.compile of each role's transformer blocks (diffusers compile_repeated_blocks).
     compile: bool = False
+    # Context parallelism (long videos): each role's attention split over groups of this many ranks by
+    # diffusers' own Ulysses ("ulysses": all-to-all over heads) or ring attention; must divide the processes.
+    context_parallel_size: int = 1
+    context_parallel_mode: Literal["ulysses", "ring"] = "ulysses"
 
     learning_rate: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)

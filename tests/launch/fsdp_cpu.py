@@ -2,7 +2,8 @@
 
 accelerate drops the FSDP plugin when there is no GPU and silently runs DDP. This shim
 re-installs it after ``Accelerator`` is built (on ``PartialState`` and the accelerator's
-state, see shared/design/FACTS.md) so the project's own FSDP2 path is what the tests run.
+state, see shared/design/FACTS.md) so the project's own FSDP2 path is what the tests run
+(context parallelism included: diffusers' CP on CPU needs one accelerator "device", see below).
 It must never move into library code. Optionally dumps each rank's shard sizes
 (``SHARD_REPORT``) and peak host memory by phase (``MEM_REPORT``, benchmarks/fsdp_memhook.py).
 """
@@ -12,7 +13,8 @@ import os
 import sys
 
 import accelerate
-from accelerate.state import PartialState
+import torch
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 import accel_distill.builder as builder
@@ -28,6 +30,10 @@ def fsdp_on_cpu(*args, **kwargs):
     for state in (PartialState(), acc.state):
         state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
+    # diffusers' enable_parallelism places its CP config on device ``rank % torch.accelerator.device_count()``,
+    # 0 on a CPU host (shared/design/FACTS.md): one CPU "device", after the process group is up
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
     return acc
 
 
@@ -61,4 +67,26 @@ if os.environ.get("MEM_REPORT"):  # benchmarks: each rank's peak RSS by phase ->
 
 from accel_distill.cli import main  # noqa: E402
 
-sys.exit(main())
+
+def run_all(argv: list[str]) -> int:
+    """``--config a.yaml ... --and --config b.yaml ...``: the runs one after another in these processes
+    (one launch instead of several: tests pay the start-up of 2 processes once)."""
+    runs, current = [], []
+    for arg in argv:
+        if arg == "--and":
+            runs.append(current)
+            current = []
+        else:
+            current.append(arg)
+    runs.append(current)
+    destroy = AcceleratorState.destroy_process_group
+    for i, run in enumerate(runs):
+        # end_training destroys the process group: keep it for the runs that follow
+        AcceleratorState.destroy_process_group = destroy if i == len(runs) - 1 else lambda self, group=None: None
+        code = main(run)
+        if code:
+            return code
+    return 0
+
+
+sys.exit(run_all(sys.argv[1:]))
