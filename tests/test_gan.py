@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
 from accel_distill.discriminator import FeatureDiscriminator, approximate_r1, discriminator_loss, generator_loss
-from accel_distill.errors import ConfigError, DataError
+from accel_distill.errors import ConfigError
 from accel_distill.run import train
 from accel_distill.trainer import Trainer
 
@@ -172,7 +172,10 @@ def test_bad_gan_settings_are_one_line_naming_the_key(tmp_path, tiny_wan, tiny_t
     )
     with pytest.raises(ConfigError, match="gan_feature_blocks: the discriminator trains on the critic-only"):
         load_config(gan_config(tmp_path, tiny_wan, tiny_teacher, latent_data, generator_update_interval=1))
-    # a data-free rollout has no real samples for the discriminator: refused before any model loads
-    cfg = load_config(gan_config(tmp_path, tiny_wan, tiny_teacher, text_data, rollout_mode="simulate"))
-    with pytest.raises(DataError, match="required column 'vae_latent_bytes' is missing"):
-        build_runtime(cfg)
+    # a data-free rollout has no real samples for the discriminator: refused at config time, with the reason
+    with pytest.raises(ConfigError) as e:
+        load_config(gan_config(tmp_path, tiny_wan, tiny_teacher, text_data, rollout_mode="simulate"))
+    assert f"gan_feature_blocks: the GAN head's real samples are data latents, but {text_data} holds text only" in (
+        str(e.value)
+    )
+    assert "a data-free (simulate) rollout has no real samples" in str(e.value)

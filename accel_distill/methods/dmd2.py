@@ -34,7 +34,7 @@ from accel_distill.config.schema import RunConfig
 from accel_distill.config.validate import check_range, fail
 from accel_distill.families.base import Conditioning, cond_batch_size
 from accel_distill.methods.base import DistillMethod, SampleNoise, describe_schedule, student_schedule
-from accel_distill.methods.gan import DISCRIMINATOR, GANHead, check_feature_blocks
+from accel_distill.methods.gan import DISCRIMINATOR, GANHead, check_feature_blocks, text_only_file
 from accel_distill.registry import FAMILIES, register_method
 from accel_distill.schedule import StockSchedule
 
@@ -131,6 +131,15 @@ class DMD2Method(DistillMethod):
                 key,
                 "the discriminator trains on the critic-only iterations, which generator_update_interval 1 "
                 "leaves none of; set method_config.generator_update_interval to 2 or more",
+            )
+        text_only = text_only_file(cfg.training.data_path)
+        if text_only is not None:
+            fail(
+                src,
+                key,
+                f"the GAN head's real samples are data latents, but {text_only} holds text only: a data-free "
+                f"({c.rollout_mode}) rollout has no real samples; train on data with latents (preprocess videos, "
+                "or teacher samples from python -m accel_distill.generate)",
             )
         check_range(src, "method_config.gan_generator_weight", c.gan_generator_weight, 0.0)
         check_range(src, "method_config.gan_r1_weight", c.gan_r1_weight, 0.0)

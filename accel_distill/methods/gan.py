@@ -35,6 +35,27 @@ def check_feature_blocks(cfg: RunConfig, key: str, blocks: Sequence[int], count:
             raise ConfigError(f"{cfg.source}: {key}: block {b} is out of range: {where}")
 
 
+def text_only_file(data_path) -> str | None:
+    """The first file of a local ``data_path`` without latents (footers only), None when every one has
+    them; Hub data and paths that do not resolve are left to the stream, which checks them when it opens."""
+    from accel_distill.data.schema import LATENT_BYTES
+    from accel_distill.data.sources import is_hub_reference, resolve_data_files
+    from accel_distill.errors import DataError
+
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    if any(is_hub_reference(p) for p in paths):
+        return None
+    try:
+        files = resolve_data_files(paths)
+    except DataError:
+        return None
+    for f in files:
+        with f.parquet() as pf:
+            if LATENT_BYTES not in pf.schema_arrow.names:
+                return str(f)
+    return None
+
+
 def pick(cond: Conditioning, copies: int) -> Conditioning:
     """``cond`` repeated ``copies`` times along the batch (one batched teacher forward)."""
     return {k: torch.cat([v] * copies) for k, v in cond.items()}
