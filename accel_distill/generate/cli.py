@@ -51,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data", help="parquet with text embeddings (training.data_path syntax), e.g. text-only shards"
     )
     model_args(p)
-    shard_args(p)
-    p.set_defaults(rows_per_shard=8)  # a killed run loses at most one shard: keep them short
+    shard_args(p, rows_per_shard=8)  # a killed run loses at most its shards in progress: keep them short
     p.add_argument("--height", type=positive(int), required=True, help="video height in pixels")
     p.add_argument("--width", type=positive(int), required=True, help="video width in pixels")
     p.add_argument("--num-frames", type=positive(int), required=True, help="frames per video (4k+1 for Wan)")

@@ -71,10 +71,15 @@ def model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def shard_args(p: argparse.ArgumentParser) -> None:
+def shard_args(p: argparse.ArgumentParser, *, rows_per_shard: int = 64) -> None:
     """--output, --rows-per-shard, --row-group-size, --store-dtype: the resumable shard folder's settings."""
     p.add_argument("--output", required=True, help="folder for part-NNNNN.parquet shards (re-runs resume)")
-    p.add_argument("--rows-per-shard", type=positive(int), default=64, help="rows per parquet file (default 64)")
+    p.add_argument(
+        "--rows-per-shard",
+        type=positive(int),
+        default=rows_per_shard,
+        help=f"rows per parquet file (default {rows_per_shard})",
+    )
     p.add_argument(
         "--row-group-size",
         type=positive(int),
