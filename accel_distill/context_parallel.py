@@ -31,6 +31,14 @@ from accel_distill.config.validate import fail
 from accel_distill.errors import ConfigError
 
 MODES = ("ulysses", "ring")
+# Models whose diffusers plan exists but does not train correctly under it (diffusers 0.42, measured here).
+BROKEN_PLANS = {
+    "LTXVideoTransformer3DModel": (
+        "its plan splits the text and its attention mask, but LTX's attention processor expands the mask to all "
+        "heads (Ulysses holds a share of them: a shape error) and ring attention applies the local mask to every "
+        "rotated key chunk"
+    ),
+}
 # diffusers backends whose context-parallel forward cannot return the log-sum-exp ring attention merges
 NO_LSE_BACKENDS = frozenset({"native", "_native_npu"})
 
@@ -145,6 +153,13 @@ def validate_context_parallel(cfg) -> None:
                     "training.context_parallel_size",
                     f"family {cfg.recipe.family!r} ({name}, roles.{role}) has no context-parallel plan in "
                     "diffusers (_cp_plan); use context_parallel_size 1",
+                )
+            if name in BROKEN_PLANS:
+                fail(
+                    src,
+                    "training.context_parallel_size",
+                    f"family {cfg.recipe.family!r} ({name}) cannot train with diffusers' context parallelism: "
+                    f"{BROKEN_PLANS[name]}; use context_parallel_size 1",
                 )
             heads = config.get("num_attention_heads")
             if t.context_parallel_mode == "ulysses" and heads is not None and heads % size:
