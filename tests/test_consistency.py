@@ -212,3 +212,26 @@ def test_bad_consistency_settings_name_the_key(tmp_path, tiny_wan, tiny_teacher,
     del cfg["roles"]["teacher"]
     with pytest.raises(ConfigError, match="roles.teacher: missing role"):
         load_config(str(write_config(tmp_path / "b.yaml", cfg)))
+
+
+def test_two_fsdp_processes_shard_the_target_and_match_one(tmp_path, tiny_wan, tiny_teacher, latent_data):
+    """FSDP2 on 2 CPU processes x batch 1 == 1 process x batch 2; the target EMA is sharded like the student."""
+    from launching import backend_launch, launch
+
+    runs = {}
+    for name, batch in (("two", 1), ("one", 2)):
+        cfg = cd_config(tmp_path, tiny_wan, tiny_teacher, latent_data, tmp_path / name)
+        cfg["training"].update(max_train_steps=3, checkpointing_steps=3, train_batch_size=batch)
+        path = write_config(tmp_path / f"{name}.yaml", cfg)
+        if name == "two":
+            launch(*backend_launch("fsdp"), "--config", str(path))
+        else:
+            train(load_config(str(path)))
+        lines = (tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()
+        runs[name] = {r["iteration"]: r["total_loss"] for r in map(json.loads, lines)}
+    assert runs["two"] == pytest.approx(runs["one"], rel=1e-5)
+    ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-3"
+    shards = [torch.load(ckpt / f"rank_state_{r}.pt", weights_only=False)["callbacks"][TARGET] for r in (0, 1)]
+    assert [s["student"]["optimization_step"] for s in shards] == [3, 3]
+    assert not torch.equal(shards[0]["student"]["shadow"][0], shards[1]["student"]["shadow"][0])
+    assert (tmp_path / "two" / "export" / "transformer").is_dir()
