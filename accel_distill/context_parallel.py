@@ -85,10 +85,16 @@ def enable_context_parallel(module: torch.nn.Module, par: Parallelism) -> None:
     module.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, mesh=par.mesh))
 
 
-def context_parallel_degree(module: torch.nn.Module) -> int:
-    """C of a module under :func:`enable_context_parallel` (unwrapped from DDP), else 1."""
+def cp_config_of(module: torch.nn.Module):
+    """The diffusers ``ContextParallelConfig`` of a module under :func:`enable_context_parallel`
+    (unwrapped from DDP), else None."""
     inner = getattr(module, "module", module)
-    config = getattr(getattr(inner, "_parallel_config", None), "context_parallel_config", None)
+    return getattr(getattr(inner, "_parallel_config", None), "context_parallel_config", None)
+
+
+def context_parallel_degree(module: torch.nn.Module) -> int:
+    """C of a module under :func:`enable_context_parallel`, else 1."""
+    config = cp_config_of(module)
     return 1 if config is None else config.ring_degree * config.ulysses_degree
 
 
@@ -169,20 +175,42 @@ def validate_context_parallel(cfg) -> None:
                     f"Ulysses splits attention heads: {size} does not divide the {heads} heads of roles.{role} "
                     f"({name}); use a divisor of {heads} or context_parallel_mode ring",
                 )
+        backend = cfg.roles[role].attention_backend or t.attention_backend or default_attention_backend()
+        key = f"roles.{role}.attention_backend" if cfg.roles[role].attention_backend else "training.attention_backend"
+        if backend not in cp_backends():
+            fail(
+                src,
+                key,
+                f"attention backend {backend!r} has no context-parallel form in diffusers; with "
+                f"context_parallel_size > 1 use one of {', '.join(sorted(cp_backends()))}",
+            )
         if t.context_parallel_mode == "ring":
-            backend = cfg.roles[role].attention_backend or t.attention_backend or default_attention_backend()
             if backend in NO_LSE_BACKENDS:
-                key = (
-                    f"roles.{role}.attention_backend"
-                    if cfg.roles[role].attention_backend
-                    else "training.attention_backend"
-                )
                 fail(
                     src,
                     key,
                     f"ring attention merges partial results by their log-sum-exp, which backend {backend!r} does "
                     "not return; use flash, _native_cudnn, _native_flash or sage (GPU), or context_parallel_mode ulysses",
                 )
+
+
+def cp_backends() -> set[str]:
+    """diffusers attention backends with a context-parallel (Ulysses / ring) implementation."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return set(_AttentionBackendRegistry._supports_context_parallel)
+
+
+def gather_tokens(module: torch.nn.Module, hidden: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``hidden`` of a context-parallel module's inner layer (its rank's token slice) gathered to the whole
+    sequence with diffusers' own autograd all-gather (backward keeps the rank's slice, like the model output);
+    unchanged for a module without context parallelism."""
+    config = cp_config_of(module)
+    if config is None:
+        return hidden
+    from diffusers.hooks.context_parallel import EquipartitionSharder
+
+    return EquipartitionSharder.unshard(hidden, dim, config._flattened_mesh)
 
 
 def default_attention_backend() -> str:

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.fsdp_common import build_pipeline, md_table, mib, run_fsdp, write_yaml
+from benchmarks.fsdp_memory import finetune_config
 
 HEIGHT_WIDTH = 64  # latent 64 x 64 -> 32 x 32 tokens per latent frame after the (1, 2, 2) patch
 
@@ -54,22 +55,9 @@ def write_clips(path: Path, frames: int) -> Path:
 
 
 def run_config(model: Path, data: Path, out: Path, cp: int) -> dict:
-    return {
-        "recipe": {"family": "wan", "method": "finetune"},
-        "roles": {"student": {"path": str(model), "trainable": True}},
-        "training": {
-            "output_dir": str(out),
-            "data_path": str(data),
-            "seed": 0,
-            "max_train_steps": 2,
-            "train_batch_size": 1,
-            "learning_rate": 1e-5,
-            "checkpointing_steps": 1000,
-            "dataloader_num_workers": 0,
-            "context_parallel_size": cp,
-        },
-        "pipeline_config": {"flow_shift": 3.0, "text_max_length": 8},
-    }
+    cfg = finetune_config(model, data, out, steps=2)
+    cfg["training"]["context_parallel_size"] = cp
+    return cfg
 
 
 def activation_peaks(reports: list[dict]) -> list[int]:

@@ -3,7 +3,8 @@
 The ranks of a context-parallel group read the same batch; each holds half of the video tokens
 between the model's first block and its output. Their losses, gradient norms and the exported
 student must equal a single process's run of the same batch (fp32; tolerances below), for
-finetune (with EMA, validation and a resumed checkpoint) and DMD2 (critic + teacher under CP too).
+finetune (with EMA, validation and a resumed checkpoint) and DMD2 with its GAN head (critic and teacher
+under CP too; the discriminator on gathered features).
 Config errors come before any model loads.
 """
 
@@ -66,13 +67,20 @@ def finetune_config(tmp: Path, model: Path, teacher: Path, data: Path) -> dict:
     return cfg
 
 
+def dmd2_gan_config(model: Path, teacher: Path, data: Path, out: Path) -> dict:
+    """DMD2 with the GAN head: a method network on the teacher's block features (tapped per rank, gathered)."""
+    cfg = base_config("dmd2", model, teacher, data, out)
+    cfg["method_config"].update(gan_feature_blocks=[0, 1], gan_generator_weight=0.1, gan_r1_weight=0.5)
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_wan, tiny_teacher, latent_data) -> Path:
     """One process without CP, then 2 processes with CP = 2 (one launch): finetune, DMD2, the finetune resumed."""
     tmp = tmp_path_factory.mktemp("cp")
     configs = {
         "finetune": write_config(tmp / "finetune.yaml", finetune_config(tmp, tiny_wan, tiny_teacher, latent_data)),
-        "dmd2": write_config(tmp / "dmd2.yaml", base_config("dmd2", tiny_wan, tiny_teacher, latent_data, tmp / "x")),
+        "dmd2": write_config(tmp / "dmd2.yaml", dmd2_gan_config(tiny_wan, tiny_teacher, latent_data, tmp / "x")),
     }
     steps = ["training.max_train_steps=3", "training.checkpointing_steps=2"]
 
@@ -126,9 +134,10 @@ def test_cp2_resume_continues_bitwise(runs):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_dmd2_under_cp2_equals_one_process(runs, tiny_wan):
+def test_dmd2_with_gan_head_under_cp2_equals_one_process(runs, tiny_wan):
     rows = metrics(runs / "cp_dmd2")
     assert "grad_norm/student" in rows[1] and "grad_norm/critic" in rows[2]  # both trained under CP
+    assert "grad_norm/discriminator" in rows[2]  # on whole-sequence features (each rank taps its own tokens)
     err = assert_same_training(runs / "single_dmd2", runs / "cp_dmd2", tiny_wan)
     print(f"dmd2 CP=2 vs one process: relative update error {err:.1e}")
 
@@ -147,10 +156,13 @@ def test_ulysses_needs_heads_divisible(tmp_path, tiny_wan, tiny_teacher, latent_
         load_config(write(tmp_path, cfg))
 
 
-def test_ring_needs_a_backend_with_lse(tmp_path, tiny_wan, tiny_teacher, latent_data):
+def test_attention_backend_must_have_a_cp_form_and_ring_an_lse(tmp_path, tiny_wan, tiny_teacher, latent_data):
     cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, tmp_path / "out")
     cfg["training"].update(context_parallel_size=2, context_parallel_mode="ring")
     with pytest.raises(ConfigError, match=r"training.attention_backend: ring attention .* 'native'"):
+        load_config(write(tmp_path, cfg))
+    cfg["training"].update(context_parallel_mode="ulysses", attention_backend="_native_math")
+    with pytest.raises(ConfigError, match=r"training.attention_backend: attention backend '_native_math' has no"):
         load_config(write(tmp_path, cfg))
     cfg["training"]["context_parallel_mode"] = "stripes"
     with pytest.raises(ConfigError, match=r"training.context_parallel_mode"):

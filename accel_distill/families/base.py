@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from accel_distill.config.schema import RoleConfig, RunConfig
+from accel_distill.context_parallel import gather_tokens
 from accel_distill.errors import ConfigError
 from accel_distill.export import LoraAdapters, LoraFile
 from accel_distill.noise import NoiseSchedule
@@ -181,7 +182,8 @@ class ModelAdapter(ABC):
             finally:
                 for h in hooks:
                     h.remove()
-            taps = [found[i] for i in blocks]
+            # context parallelism: each rank tapped its own tokens; the whole sequence, as the output is
+            taps = [gather_tokens(module, found[i]) for i in blocks]
             if out.requires_grad:  # FSDP2 re-gathers the root's weights from a hook on its output: keep it in the graph
                 taps[0] = taps[0] + 0.0 * out.float().sum()
             return taps
