@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import base_config, write_config
 from safetensors.torch import load_file
+from stock_sampling import assert_stock_wan_samples
 
 from accel_distill.builder import build_runtime
 from accel_distill.config import load_config
@@ -16,7 +17,6 @@ from accel_distill.errors import ConfigError
 from accel_distill.methods.consistency import TARGET, consistency_loss, continuous_consistency_loss, timestep_grid
 from accel_distill.noise import RectifiedFlow
 from accel_distill.run import build_callbacks, train
-from accel_distill.sampling import few_step_sample
 from accel_distill.schedule import fit_few_step_schedule
 
 
@@ -143,34 +143,7 @@ def test_train_resume_export_and_stock_pipeline_sampling(tmp_path, tiny_wan, tin
     info = json.loads((straight / "export" / "accel_distill_export.json").read_text())
     assert info["method"] == "consistency" and info["scheduler"]["class"] == "FlowMatchLCMScheduler"
 
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(straight / "export")
-    seen = []
-    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
-    embeds = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(5))
-    torch.manual_seed(123)
-    stock = pipe(
-        prompt_embeds=embeds,
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        height=32,
-        width=32,
-        num_frames=5,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    ).frames
-    schedule = fit_few_step_schedule([1000, 757, 522], kind="sde")
-    assert seen == list(schedule.timesteps)
-    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(123)
-    with torch.no_grad():
-        ours = few_step_sample(
-            lambda x, t: pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds)[0],
-            schedule,
-            noise,
-        )
-    assert torch.equal(ours, stock)
+    assert_stock_wan_samples(straight / "export", fit_few_step_schedule([1000, 757, 522], kind="sde"))
 
 
 def test_continuous_tangent_forward_ad_matches_finite_differences(tmp_path, tiny_wan, tiny_teacher, latent_data):
