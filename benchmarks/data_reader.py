@@ -208,9 +208,9 @@ def worker_pyarrow(source: str, batch: int, rank: int, world: int, text_max_leng
 
     batches = ended()
     if thread:  # the reader's own prefetch thread (2 ahead), so both sides have the same concurrency
-        from accel_distill.data.stream import _prefetched
+        from accel_distill.data.prefetch import prefetched
 
-        batches = _prefetched(batches, 2)
+        batches = prefetched(batches, 2)
     samples = 0
     next(batches)  # the same warm-up as ours: timing starts after the first batch
     start, cpu = time.perf_counter(), time.process_time()

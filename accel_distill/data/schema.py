@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from accel_distill.errors import DataError
 
 
 def tensor_columns(name: str) -> tuple[str, str, str]:
@@ -246,3 +249,15 @@ def _row(sample: dict, with_latents: bool, metadata_keys: set[str]) -> dict:
     for name, tensor in sample.get("tensors", {}).items():
         write_tensor_columns(row, name, tensor)
     return row
+
+
+def shapes_from_column(file: Any, column: pa.ChunkedArray) -> np.ndarray:
+    """The ``vae_latent_shape`` column as ``[rows, 4]``; DataError naming the first row that is not 4-D."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(arr) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+    if (lengths != 4).any():
+        row = int(np.flatnonzero(lengths != 4)[0])
+        raise DataError(f"{file} row {row}: latent shape {arr[row].as_py()} is not 4-D")
+    return np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False), dtype=np.int64).reshape(-1, 4)

@@ -17,26 +17,23 @@ The stream splits by rank itself: do not let accelerate shard it again.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from accel_distill.errors import DataError
 
 from .order import Epoch, epoch_batches, group_order
+from .prefetch import prefetched
 from .reader import Reader
 from .schema import (
     CAPTION,
@@ -46,6 +43,7 @@ from .schema import (
     LATENT_SHAPE,
     REQUIRED_COLUMNS,
     TEXT_COLUMNS,
+    shapes_from_column,
     shapes_from_footer,
     tensor_columns,
 )
@@ -226,7 +224,7 @@ class LatentStream:
                     return _FileScan(meta, names, None)
                 shapes = shapes_from_footer(schema, meta.num_rows)
                 if shapes is None:
-                    shapes = _shapes_from_column(file, pf.read(columns=[LATENT_SHAPE]).column(0))
+                    shapes = shapes_from_column(file, pf.read(columns=[LATENT_SHAPE]).column(0))
         except DataError:
             raise
         except (OSError, pa.ArrowException) as e:
@@ -386,7 +384,7 @@ class LatentStream:
             generation = self._generation
             source = self._batches(self._epoch, self._index, self._carry)
             if self.prefetch > 0:
-                source = _prefetched(source, self.prefetch)
+                source = prefetched(source, self.prefetch)
             try:
                 for (epoch, index, carry), batch in source:
                     if generation != self._generation:
@@ -430,81 +428,3 @@ def _check_extra_names(names: Sequence[str] | Mapping[str, str]) -> tuple[str, .
     if len(set(names)) != len(names):
         raise ValueError(f"extra_tensor_columns: duplicate names in {list(names)}")
     return names
-
-
-def _shapes_from_column(file: DataFile, column: pa.ChunkedArray) -> np.ndarray:
-    """The ``vae_latent_shape`` column as ``[rows, 4]``; DataError naming the first row that is not 4-D."""
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if len(arr) == 0:
-        return np.zeros((0, 4), dtype=np.int64)
-    lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
-    if (lengths != 4).any():
-        row = int(np.flatnonzero(lengths != 4)[0])
-        raise DataError(f"{file} row {row}: latent shape {arr[row].as_py()} is not 4-D")
-    return np.asarray(pc.list_flatten(arr).to_numpy(zero_copy_only=False), dtype=np.int64).reshape(-1, 4)
-
-
-# Live prefetch threads, stopped at interpreter exit: a daemon thread killed inside a pyarrow read of a
-# Hub file (C++ calling back into Python) aborts the process ("terminate called without an active exception").
-_LIVE: dict[threading.Thread, threading.Event] = {}
-
-
-@atexit.register
-def _stop_prefetch_threads(timeout: float = 30.0) -> None:
-    for stop in list(_LIVE.values()):
-        stop.set()
-    for thread in list(_LIVE):
-        thread.join(timeout=timeout)
-
-
-def _prefetched(source: Iterator, depth: int) -> Iterator:
-    """Run ``source`` in a background thread, ``depth`` items ahead; errors re-raise in the consumer.
-
-    Closing this generator (explicitly, or by dropping it) stops and joins the thread; so does the
-    interpreter's exit.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in source:
-                if not put((True, item)):
-                    break
-        except BaseException as e:  # handed to the consumer
-            put((False, e))
-        finally:
-            source.close()
-
-    thread = threading.Thread(target=work, name="LatentStream-prefetch", daemon=True)
-    _LIVE[thread] = stop
-    thread.start()
-    try:
-        while True:
-            try:
-                ok, item = q.get(timeout=1.0)
-            except queue.Empty:
-                if not thread.is_alive() and q.empty():
-                    raise RuntimeError("LatentStream prefetch thread ended without a result") from None
-                continue
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:  # unblock a producer waiting on a full queue
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            thread.join(timeout=0.05)
-        _LIVE.pop(thread, None)
