@@ -14,10 +14,12 @@ gradient its tokens contribute; the group's sum is the full gradient. DDP and FS
 shards over all N ranks, as accelerate's ``dp_shard_cp`` does) average over N = D x C, so the
 gradients of every context-parallel module are multiplied by C after backward
 (:func:`scale_partial_gradients`). Networks outside the split (a method's head on gathered
-outputs) see identical inputs on every rank and are left alone. Measured: tests/test_context_parallel.py.
+outputs) see identical inputs on every rank and are left alone; inner features a method taps are
+gathered the same way as the output (:func:`gather_tokens`). Measured: tests/test_context_parallel.py.
 
 Everything knowable from the config and the data's footers is checked before a model loads:
-the world size, the model's plan, Ulysses' head count, the token count of every latent shape.
+the world size, the model's plan, the attention backend, Ulysses' head count, the token count of
+every latent shape (and of the text, where the plan splits it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from accel_distill.config.validate import fail
 from accel_distill.errors import ConfigError
 
 MODES = ("ulysses", "ring")
-# Models whose diffusers plan exists but does not train correctly under it (diffusers 0.42, measured here).
+# Models whose diffusers plan exists but does not train correctly under it (diffusers 0.42: LTX's Ulysses
+# shape error tried on 2 CPU processes; its ring behaviour read from attention_dispatch's TemplatedRingAttention).
 BROKEN_PLANS = {
     "LTXVideoTransformer3DModel": (
         "its plan splits the text and its attention mask, but LTX's attention processor expands the mask to all "
