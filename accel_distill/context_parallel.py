@@ -227,21 +227,19 @@ def check_token_counts(cfg, latent_shapes, *, where: str) -> None:
     size = cfg.training.context_parallel_size
     if size == 1:
         return
-    role = next(iter(cfg.roles))
-    config = role_transformer_configs(cfg, role)[0]
-    inputs = split_inputs(cp_plan_of(config))
-    for shape in latent_shapes:
-        if shape is None:
-            continue
-        tokens = video_tokens(config, shape)
-        if tokens % size:
-            raise ConfigError(
-                f"{cfg.source}: training.context_parallel_size: latents of shape {list(shape)} ({where}) are "
-                f"{tokens} tokens after patchify, which {size} ranks cannot split evenly"
-            )
     text = cfg.pipeline_config.text_max_length
-    if "encoder_hidden_states" in inputs and text % size:
-        raise ConfigError(
-            f"{cfg.source}: pipeline_config.text_max_length: {config.get('_class_name')} splits the text over the "
-            f"context-parallel ranks: {text} tokens do not divide by training.context_parallel_size {size}"
-        )
+    for role in cfg.roles:  # every role's model sees the same latents (patch sizes could differ)
+        for config in role_transformer_configs(cfg, role):
+            for shape in latent_shapes:
+                tokens = None if shape is None else video_tokens(config, shape)
+                if tokens is not None and tokens % size:
+                    raise ConfigError(
+                        f"{cfg.source}: training.context_parallel_size: latents of shape {list(shape)} ({where}) "
+                        f"are {tokens} tokens after roles.{role}'s patchify, which {size} ranks cannot split evenly"
+                    )
+            if "encoder_hidden_states" in split_inputs(cp_plan_of(config)) and text % size:
+                raise ConfigError(
+                    f"{cfg.source}: pipeline_config.text_max_length: {config.get('_class_name')} splits the text "
+                    f"over the context-parallel ranks: {text} tokens do not divide by "
+                    f"training.context_parallel_size {size}"
+                )

@@ -200,5 +200,7 @@ def test_world_size_and_token_counts_must_divide(tmp_path, tiny_wan, tiny_teache
     with pytest.raises(ConfigError, match=r"context_parallel_size: 2 does not divide the 3 launched processes"):
         plan_parallelism(SimpleNamespace(num_processes=3, process_index=0), cfg)
     check_token_counts(cfg, [(16, 2, 4, 4), None], where="data")  # 8 tokens: fine
-    with pytest.raises(ConfigError, match=r"latents of shape \[16, 3, 2, 2\] \(data\) are 3 tokens after patchify"):
+    with pytest.raises(
+        ConfigError, match=r"latents of shape \[16, 3, 2, 2\] \(data\) are 3 tokens after roles.student's patchify"
+    ):
         check_token_counts(cfg, [(16, 2, 4, 4), (16, 3, 2, 2)], where="data")
