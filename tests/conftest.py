@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,43 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
         env=full_env,
         cwd=ROOT,
     )
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Every line of a run's ``logs/metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics_by_iteration(out: Path) -> dict[int, dict]:
+    return {row["iteration"]: row for row in read_metrics(out)}
+
+
+CLIP_CAPTIONS = ("a red cat", "the blue dog video", "one green cat", "two red dog")
+
+
+def preprocess_clips(family: str, model: Path, root: Path, size: list[str], frames: int = 9) -> Path:
+    """Four captioned mp4 clips under ``root/media`` through ``preprocess videos --family`` into ``root/out``."""
+    from test_preprocess import write_mp4
+
+    from accel_distill.preprocess.cli import main as preprocess_main
+
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for i, caption in enumerate(CLIP_CAPTIONS):
+        write_mp4(media / f"clip{i}.mp4", frames, seed=i)
+        (media / f"clip{i}.txt").write_text(caption)
+    args = ["videos", "--family", family, "--input", media, "--model", model, "--output", root / "out", *size]
+    assert preprocess_main([str(a) for a in args]) == 0
+    return root / "out"
+
+
+def family_config(
+    family: str, method: str, student: Path, teacher: Path, data: Path, out: Path, *, text_max_length: int, steps
+) -> dict:
+    """``base_config`` for another family with an ODE sampler (and DMD2's ``steps``)."""
+    cfg = base_config(method, student, teacher, data, out)
+    cfg["recipe"]["family"] = family
+    cfg["pipeline_config"] = {"text_max_length": text_max_length, "sampler_kind": "ode"}
+    if method == "dmd2":
+        cfg["method_config"]["dmd_denoising_steps"] = steps
+    return cfg

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from conftest import base_config, write_config
+from conftest import base_config, metrics_by_iteration, write_config
 
 from accel_distill.config import load_config
 from accel_distill.methods.finetune import FinetuneConfig, FinetuneMethod
@@ -46,10 +46,6 @@ class FinetuneWithProbe(FinetuneMethod):
         return losses, outputs
 
 
-def rows(out) -> dict[int, dict]:
-    return {r["iteration"]: r for r in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines())}
-
-
 def test_method_owned_network_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_wan, tiny_teacher, latent_data):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cfg = base_config("finetune", tiny_wan, tiny_teacher, latent_data, straight)
@@ -61,7 +57,7 @@ def test_method_owned_network_trains_checkpoints_and_resumes_exactly(tmp_path, t
     assert json.loads((ckpt / "roles.json").read_text())["models"] == ["student", "probe"]
     train(load_config(str(path), [f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt}"]))
 
-    a, b = rows(straight), rows(resumed)
+    a, b = metrics_by_iteration(straight), metrics_by_iteration(resumed)
     assert {"grad_norm/probe", "lr/probe", "probe_loss"} <= set(a[4])  # clipped, scheduled, logged
     keys = ("total_loss", "probe_loss", "grad_norm/probe", "grad_norm/student")
     assert {i: [a[i][k] for k in keys] for i in (3, 4)} == {i: [b[i][k] for k in keys] for i in (3, 4)}

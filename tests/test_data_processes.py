@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, base_config, run_cli, write_config
+from conftest import ROOT, base_config, read_metrics, run_cli, write_config
 from launching import TRAIN, launch
 
 from accel_distill.data import LatentStream, write_parquet
@@ -65,7 +65,7 @@ def test_two_ranks_stream_buckets_from_the_hub_like_one_process(tmp_path):
 
 
 def metrics(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     return {r.pop("iteration"): {k: v for k, v in r.items() if k != "step_time"} for r in rows}
 
 

@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, base_config, run_cli, write_config
+from conftest import ROOT, base_config, read_metrics, run_cli, write_config
 from safetensors.torch import load_file
 
 from accel_distill.sampling import few_step_sample
 from accel_distill.schedule import fit_few_step_schedule
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
@@ -36,7 +32,7 @@ def test_finetune_trains_checkpoints_and_exports(tmp_path, tiny_wan, tiny_teache
     cfg["method_config"] = {"timestep_sampling": "logit_normal", "pred_type": "x0", "cfg_dropout_rate": 0.5}
     proc = run_cli("--config", str(write_config(tmp_path / "ft.yaml", cfg)), "training.checkpoints_total_limit=1")
     assert_ok(proc)
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert all("flow_loss" in r and "grad_norm/student" in r for r in rows)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]  # rotation
@@ -104,7 +100,7 @@ def test_dmd2_trains_and_stock_diffusers_samples_the_export(
         cfg["pipeline_config"].update(num_frames=5, height=32, width=32)
     assert_ok(run_cli("--config", str(write_config(tmp_path / "dmd2.yaml", cfg))))
 
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert ["dmd_loss" in r for r in rows] == [True, False, True, False]  # interval 2
     assert all(r["skipped_steps"] == 0 for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -21,17 +21,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import base_config, run_cli, write_config
+from conftest import family_config, preprocess_clips, read_metrics, run_cli, write_config
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
-from test_preprocess import write_mp4
 
 from accel_distill.cli import main as train_main
 from accel_distill.config import load_config
 from accel_distill.data import bytes_to_tensor
 from accel_distill.errors import ConfigError
 from accel_distill.families.ltx import LTXAdapter, LTXFamily, LTXFlow, fit_ltx_schedule
-from accel_distill.preprocess.cli import main as preprocess_main
 from accel_distill.testing.datasets import write_synthetic_dataset
 from accel_distill.testing.tiny_ltx import TEXT_DIM, VIDEO, build_tiny_ltx, perturb_transformer
 
@@ -56,27 +54,11 @@ def ltx_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ltx_data(tmp_path_factory, ltx) -> Path:
     """Four 9-frame clips through ``preprocess videos --family ltx`` (the family's VAE and T5)."""
-    media = tmp_path_factory.mktemp("media")
-    for i, caption in enumerate(["a red cat", "the blue dog video", "one green cat", "two red dog"]):
-        write_mp4(media / f"clip{i}.mp4", 9, seed=i)
-        (media / f"clip{i}.txt").write_text(caption)
-    out = tmp_path_factory.mktemp("encoded") / "out"
-    args = ["videos", "--family", "ltx", "--input", media, "--model", ltx, "--output", out, *SIZE]
-    assert preprocess_main([str(a) for a in args]) == 0
-    return out
+    return preprocess_clips("ltx", ltx, tmp_path_factory.mktemp("clips"), SIZE)
 
 
 def ltx_config(method: str, student: Path, teacher: Path, data: Path, out: Path) -> dict:
-    cfg = base_config(method, student, teacher, data, out)
-    cfg["recipe"]["family"] = "ltx"
-    cfg["pipeline_config"] = {"text_max_length": TEXT_LENGTH, "sampler_kind": "ode"}
-    if method == "dmd2":
-        cfg["method_config"]["dmd_denoising_steps"] = STEPS
-    return cfg
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return family_config("ltx", method, student, teacher, data, out, text_max_length=TEXT_LENGTH, steps=STEPS)
 
 
 def prompt() -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +225,7 @@ def test_dmd2_export_is_sampled_by_stock_ltx_pipeline_bitwise(tmp_path, ltx, ltx
     path = write_config(tmp_path / "dmd2.yaml", cfg)
     assert (proc := run_cli("--config", str(path))).returncode == 0, proc.stderr[-3000:]
 
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert ["dmd_loss" in r for r in rows] == [True, False, True, False]
     assert (out / "validation" / "step-4" / "0_3steps_g1.png").is_file()
     info = json.loads((out / "export" / "accel_distill_export.json").read_text())
@@ -274,7 +256,7 @@ def test_lora_finetune_with_ema_resumes_and_exports_a_diffusers_lora_the_stock_p
     ckpt2 = out / "checkpoints" / "checkpoint-2"
     proc = run_cli("--config", str(path), f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt2}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["total_loss"] for r in metrics(out)[2:]] == [r["total_loss"] for r in metrics(resumed)]
+    assert [r["total_loss"] for r in read_metrics(out)[2:]] == [r["total_loss"] for r in read_metrics(resumed)]
     a, b = (load_file(o / "export" / "pytorch_lora_weights.safetensors") for o in (out, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -357,7 +339,7 @@ def test_fsdp_two_processes_simulate_rollouts_shard_every_role_and_export(tmp_pa
         shards = json.loads(Path(f"{report}.rank{rank}.json").read_text())
         assert set(shards) == {"student", "teacher", "critic"}
         assert all(0.4 < local / total < 0.6 for local, total in shards.values()), (rank, shards)
-    assert [r["iteration"] for r in metrics(out)] == [1, 2]
+    assert [r["iteration"] for r in read_metrics(out)] == [1, 2]
     from diffusers import LTXVideoTransformer3DModel
 
     exported = LTXVideoTransformer3DModel.from_pretrained(out / "export", subfolder="transformer")

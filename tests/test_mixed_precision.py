@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import base_config, run_cli, write_config
+from conftest import base_config, metrics_by_iteration, run_cli, write_config
 from launching import backend_launch, launch
 from safetensors.torch import load_file
 
@@ -39,13 +39,9 @@ def fresh_accelerate(monkeypatch):
     GradientState._reset_state()
 
 
-def metrics(out: Path) -> dict[int, dict]:
-    return {r["iteration"]: r for r in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines())}
-
-
 def finite_rows(out: Path, iterations: int) -> dict[int, dict]:
     """metrics.jsonl of iterations 1..N, every logged value finite."""
-    rows = metrics(out)
+    rows = metrics_by_iteration(out)
     assert sorted(rows) == list(range(1, iterations + 1))
     assert all(torch.isfinite(torch.tensor(v)) for r in rows.values() for v in r.values()), rows
     return rows
@@ -276,7 +272,7 @@ def test_fp16_overflow_is_skipped_and_lowers_the_loss_scale(
     export = accel_distill.run.train(load_config(str(write_config(tmp_path / "run.yaml", cfg))))
 
     assert autocast == [torch.float16] * 4
-    rows = metrics(out)
+    rows = metrics_by_iteration(out)
     assert [rows[i]["skipped_steps"] for i in (1, 2, 3, 4)] == [0, 1, 1, 1]  # only the overflow is skipped
     assert not torch.isfinite(torch.tensor(rows[2]["grad_norm/student"]))
     assert all(torch.isfinite(torch.tensor(v)) for i in (1, 3, 4) for v in rows[i].values()), rows

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT, base_config, run_cli, write_config
+from conftest import ROOT, base_config, read_metrics, run_cli, write_config
 from PIL import Image
 
 from accel_distill.data import LatentStream, bytes_to_tensor
@@ -187,7 +187,7 @@ def test_train_distill_trains_on_the_result(encoded, tmp_path, tiny_wan, tiny_te
     cfg["training"].update(max_train_steps=2, checkpointing_steps=2, train_batch_size=2)
     proc = run_cli("--config", str(write_config(tmp_path / "ft.yaml", cfg)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(tmp_path / "run")
     assert [m["iteration"] for m in metrics] == [1, 2] and all(np.isfinite(m["total_loss"]) for m in metrics)
 
 

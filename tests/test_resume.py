@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import torch
-from conftest import base_config, run_cli, write_config
+from conftest import base_config, read_metrics, run_cli, write_config
 from safetensors.torch import load_file
 
 
 def losses(out) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     keep = ("total_loss", "critic_loss", "dmd_loss", "grad_norm/student", "grad_norm/critic", "lr/student", "lr/critic")
     return {r["iteration"]: {k: r[k] for k in keep if k in r} for r in rows}
 

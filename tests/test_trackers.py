@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
-from conftest import base_config, write_config
+from conftest import base_config, read_metrics, write_config
 
 from accel_distill.cli import main
 
@@ -23,7 +21,7 @@ def test_tensorboard_tracker_writes_the_logged_losses(tmp_path, tiny_wan, tiny_t
     assert list(run_dir.glob("events.out.tfevents.*")), sorted(p.name for p in run_dir.iterdir())
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     for name in ("total_loss", "flow_loss", "grad_norm/student", "lr/student"):
         scalars = events.Scalars(name)

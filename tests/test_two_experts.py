@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_config, run_cli, write_config
+from conftest import base_config, metrics_by_iteration, read_metrics, run_cli, write_config
 from safetensors.torch import load_file
 
 from accel_distill.builder import build_runtime
@@ -89,7 +89,7 @@ def test_finetune_trains_both_experts_each_with_its_own_optimizer(tmp_path, moe,
     assert (proc := run_cli("--config", str(write_config(tmp_path / "ft.yaml", cfg)))).returncode == 0, proc.stderr[
         -3000:
     ]
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert {"grad_norm/student.transformer", "grad_norm/student.transformer_2", "lr/student.transformer_2"} <= set(
         rows[-1]
     )
@@ -185,10 +185,7 @@ def test_lora_and_ema_per_expert_resume_bitwise(tmp_path, moe, moe_teacher, late
     proc = run_cli("--config", str(path), f"training.output_dir={resumed}", f"training.resume_from_checkpoint={ckpt}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    def rows(out):
-        return {r["iteration"]: r for r in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines())}
-
-    a, b = rows(straight), rows(resumed)
+    a, b = metrics_by_iteration(straight), metrics_by_iteration(resumed)
     keys = ("total_loss", "grad_norm/student.transformer", "grad_norm/student.transformer_2")
     assert {i: [a[i][k] for k in keys] for i in (3, 4)} == {i: [b[i][k] for k in keys] for i in (3, 4)}
     assert "ema_decay/student.transformer_2" in a[4]
@@ -271,13 +268,10 @@ def test_fsdp_two_processes_shard_both_experts_of_every_role(tmp_path, moe, moe_
         for unit, (local, total) in shards.items():
             assert 0.4 < local / total < 0.6, (rank, unit, local, total)
 
-    def rows(out):
-        return {
-            r["iteration"]: r["total_loss"]
-            for r in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines())
-        }
+    def losses(out):
+        return {i: r["total_loss"] for i, r in metrics_by_iteration(out).items()}
 
-    assert {i: rows(straight)[i] for i in (3, 4)} == rows(resumed)
+    assert {i: losses(straight)[i] for i in (3, 4)} == losses(resumed)
     for key in ("transformer", "transformer_2"):
         a, b = expert_weights(straight / "export", key), expert_weights(resumed / "export", key)
         assert all(torch.equal(a[k], b[k]) for k in a)

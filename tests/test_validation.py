@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import base_config, run_cli, write_config
+from conftest import base_config, metrics_by_iteration, run_cli, write_config
 from PIL import Image
 
 from accel_distill.builder import build_runtime
@@ -73,7 +73,7 @@ def test_dmd2_run_writes_validation_media_and_logs_them_to_wandb(tmp_path, tiny_
     assert json.loads((root / "prompts.json").read_text())[2]["caption"] == CAPTIONS[2]
 
     # the validation time is a logged metric on validation iterations only
-    rows = {r["iteration"]: r for r in map(json.loads, (out / "logs" / "metrics.jsonl").read_text().splitlines())}
+    rows = metrics_by_iteration(out)
     assert ["validation_seconds" in rows[i] for i in (1, 2, 3, 4)] == [False, True, False, True]
     assert rows[2]["validation_seconds"] > 0
     # the prompts were encoded once and cached; each checkpoint records the last validation

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import base_config, write_config
+from conftest import base_config, read_metrics, write_config
 from PIL import Image
 from test_preprocess import write_mp4
 
@@ -148,7 +148,7 @@ def test_finetune_and_dmd2_exports_sampled_by_the_stock_pipeline(family, tmp_pat
         config = write_config(tmp_path / f"{method}.yaml", run_config(family, method, models, i2v_data[family], out))
         assert train_main(["--config", str(config)]) == 0  # train_distill.py's entry point, in this process
         exports[method] = out / "export"
-    rows = [json.loads(line) for line in (tmp_path / "dmd2" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "dmd2")
     assert ["dmd_loss" in r for r in rows] == [True, False, True, False] and all(r["skipped_steps"] == 0 for r in rows)
     student = models[family][0] / "transformer" / "diffusion_pytorch_model.safetensors"
     trained = exports["dmd2"] / "transformer" / "diffusion_pytorch_model.safetensors"
