@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -288,7 +287,7 @@ ERROR_CASES = [
         "dmd2",
         setk("recipe.method", "dmd3"),
         [],
-        ["recipe.method:", "'dmd3'", "registered: dmd2, finetune"],
+        ["recipe.method:", "'dmd3'", "registered: consistency, dmd2, finetune, kd"],
         id="unknown-method",
     ),
     # numeric ranges
@@ -618,12 +617,10 @@ def test_seed_dry_run_in_process_loads_no_model(seed_config, capsys, monkeypatch
 
 def test_seed_dry_run_process(seed_config, tiny_wan, tiny_teacher):
     path, out = seed_config
-    start = time.monotonic()
+    # that it loads no model is test_seed_dry_run_in_process_loads_no_model's job (no wall-clock limit here)
     proc = run_cli("--config", str(path), "--dry-run", timeout=120)
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert elapsed < 15, f"--dry-run took {elapsed:.1f}s"
     resolved_text, plan_text = proc.stdout.split("# plan\n")
     resolved = yaml.safe_load(resolved_text)
     assert list(resolved) == ["recipe", "roles", "training", "pipeline_config", "method_config"]
