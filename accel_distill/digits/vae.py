@@ -56,13 +56,17 @@ def train_vae(
     batch_size: int = 64,
     lr: float = 3e-3,
     kl_weight: float = 1e-6,
+    l1_weight: float = 0.5,
+    posterior_noise: float = 1.0,
     seed: int = 0,
     log_every: int = 100,
     config: dict | None = None,
 ):
     """Train a fresh VAE on ``images`` [N, 3, F, H, W]; returns it with latents_mean/std filled in.
 
-    ``config``: overrides of ``VAE_CONFIG`` (the video model's narrower one).
+    ``config``: overrides of ``VAE_CONFIG`` (the video model's narrower one); ``posterior_noise``: the
+    scale of the sampled posterior noise (0: a plain autoencoder on the posterior mean, which is what
+    preprocessing encodes and what the pipeline decodes).
     """
     vae = make_vae(seed, **(config or {}))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -73,11 +77,11 @@ def train_vae(
     for step in range(1, steps + 1):
         x = images[torch.randint(len(images), (batch_size,), generator=gen)]
         dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        z = dist.mean + posterior_noise * dist.std * torch.randn(dist.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         kl = 0.5 * (dist.mean.pow(2) + dist.var - 1 - dist.logvar).mean()
-        loss = mse + F.l1_loss(rec, x) * 0.5 + kl_weight * kl
+        loss = mse + F.l1_loss(rec, x) * l1_weight + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

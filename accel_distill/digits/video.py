@@ -1,10 +1,10 @@
-"""Moving digits: 9-frame clips of one scikit-learn digit crossing a 32x32 frame in a captioned direction.
+"""Moving digits: 9-frame clips of one scikit-learn digit crossing a 16x16 frame in a captioned direction.
 
-Each clip takes one digit of a split (``data.load_split``: the "train", "validation" and
-"test" digits are disjoint, fixed by seed), scales it to 16x16 the way ``preprocess
-videos`` scales images, and moves it left, right, up or down at 1 or 2 pixels per frame
-(the speed and the start position are random and not captioned: several modes per
-prompt, so the flow is not straight). The caption names digit and direction:
+Each clip takes one 8x8 digit of a split (``data.load_split``: the "train", "validation" and
+"test" digits are disjoint, fixed by seed) and moves it left, right, up or down at one
+pixel per frame from one edge of the frame to the other; where it sits across the motion
+is random and not captioned (with the handwriting: several modes per prompt, so the
+flow is not straight). The caption names digit and direction:
 "the digit 3 moves left". ``write_clips`` writes GIF + caption files (GIF is lossless
 for grey frames and is one of the video formats ``preprocess videos`` decodes with PyAV).
 
@@ -23,10 +23,10 @@ from accel_distill.digits.data import DigitSplit
 from accel_distill.preprocess.media import resize_center_crop, to_model_input
 
 NUM_FRAMES = 9  # Wan's 4k+1: 3 latent frames with the VAE's temporal factor 4
-FRAME_SIZE = 32  # 4x4 latents with the spatial factor 8
-DIGIT_SIZE = 16
+FRAME_SIZE = 16  # 4x4 latents with the video VAE's spatial factor 4
+DIGIT_SIZE = 8  # sklearn's own resolution
 FPS = 10
-SPEEDS = (1, 2)  # pixels per frame, drawn per clip, not captioned
+SPEEDS = (1,)  # pixels per frame (a tuple: drawn per clip, not captioned); 8 px of travel in 9 frames
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per frame at speed 1
 VIDEO_WORDS = ["the", "digit", "moves", *DIRECTIONS]
@@ -84,11 +84,12 @@ def make_clips(
     directions: np.ndarray | None = None,
     num_frames: int = NUM_FRAMES,
     size: int = FRAME_SIZE,
+    digit_size: int = DIGIT_SIZE,
     speeds: tuple[int, ...] = SPEEDS,
 ) -> Clips:
     """``n`` clips of the split's digits; ``labels`` / ``directions`` fix what each clip shows (else drawn)."""
     rng = np.random.default_rng(seed)
-    pics = sprites(split)
+    pics = sprites(split, digit_size)
     split_labels = split.labels.numpy()
     d = pics.shape[-1]
     if labels is None:
