@@ -220,6 +220,44 @@ def test_update_iteration_passes_and_batch_rows(runtime):
     assert math.isfinite(losses["total_loss"].item())
 
 
+def test_student_graph_is_backpropagated_before_the_critics_is_built(runtime):
+    """Under the trainer's backward (backward_with), a student-update step backpropagates the student's
+    pseudo-loss before the critic's graded forward: the two graphs' activations never coexist. Losses and
+    gradients are bitwise those of one combined backward of total_loss (a direct train_step call)."""
+    rt = runtime(rollout_mode="data")
+    student, critic = rt.bundle["student"].transformer, rt.bundle["critic"].transformer
+    batch = next(iter(rt.stream))
+
+    def grads():
+        out = {
+            f"{role}.{n}": p.grad.clone()
+            for role, m in (("s", student), ("c", critic))
+            for n, p in m.named_parameters()
+        }
+        for m in (student, critic):
+            m.zero_grad(set_to_none=True)
+        return out
+
+    combined, _ = rt.method.train_step(batch, 0)
+    combined["total_loss"].backward()
+    expected = grads()
+
+    seen = []  # at each graded critic forward: had the student's gradients arrived?
+    critic.register_forward_pre_hook(
+        lambda *_: (
+            seen.append(all(p.grad is not None for p in student.parameters())) if torch.is_grad_enabled() else None
+        )
+    )
+    with rt.method.backward_with(lambda loss: loss.backward()):
+        staged, _ = rt.method.train_step(batch, 0)
+    assert seen == [True]
+    assert all(p.grad is None for p in critic.parameters())  # the critic's part is total_loss's backward
+    staged["total_loss"].backward()
+    assert all(torch.equal(staged[k], combined[k]) for k in combined)
+    got = grads()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_sample_noise_depends_on_the_sample_not_the_batch_layout():
     keys = torch.tensor([[0, 5], [0, 9], [1, 5]])
     whole = SampleNoise(7, keys, torch.device("cpu"))

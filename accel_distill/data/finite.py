@@ -66,13 +66,16 @@ def copy_checked(dst: torch.Tensor, buf: Any) -> bool:
     return True
 
 
-def nonfinite_flag(batch: dict, device: torch.device) -> torch.Tensor:
-    """1.0 if any floating tensor of ``batch`` holds a NaN or inf, else 0.0: a 0-d float tensor on ``device``,
-    computed without a host sync (the trainer reads it with its other flags)."""
-    flags = [(~torch.isfinite(v)).any() for v in batch.values() if torch.is_tensor(v) and torch.is_floating_point(v)]
-    if not flags:
-        return torch.zeros((), device=device)
-    return torch.stack(flags).any().float()
+def finite_probes(batch: dict) -> list[torch.Tensor]:
+    """0-d tensors (on the batch's device) that are all finite iff every floating tensor of ``batch`` is:
+    each tensor's minimum and maximum (one ``aminmax`` read; a NaN propagates into both, an inf is one of
+    them). No host sync: the trainer tests them in its one ``isfinite`` with the losses and norms."""
+    return [
+        e
+        for v in batch.values()
+        if torch.is_tensor(v) and torch.is_floating_point(v) and v.numel()
+        for e in torch.aminmax(v)
+    ]
 
 
 def describe_nonfinite(batch: dict) -> str | None:

@@ -296,6 +296,8 @@ class DMD2Method(DistillMethod):
                 gen = self.gan.generator_loss(x0, cond, self.score_timesteps(rng), rng.randn_like(x0))
                 losses["gan_generator_loss"] = gen.detach()
                 total = total + self.config.gan_generator_weight * gen
+            # the student's graph is backpropagated (and its activations freed) before the critic's is built
+            total = self.backward_now(total)
         critic = self.critic_loss(x0, cond, rng)  # reuses this iteration's student sample
         losses["critic_loss"] = critic.detach()
         if self.gan is not None and not update_student:

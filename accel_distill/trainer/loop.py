@@ -9,6 +9,7 @@ non-finite guard, progress, logging and checkpoint cadence.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from accel_distill.config.schema import TrainingConfig
 from accel_distill.context_parallel import scale_partial_gradients
-from accel_distill.data.finite import describe_nonfinite, nonfinite_flag
+from accel_distill.data.finite import describe_nonfinite, finite_probes
 from accel_distill.errors import DataError, UserError
 from accel_distill.methods.base import DistillMethod
 from accel_distill.trainer.callbacks import Callback
@@ -98,24 +99,36 @@ class Trainer:
                 stack.enter_context(self.acc.no_sync(module))
         return stack
 
-    def _forward_backward(self, iteration: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The micro-batches' mean losses, and a device flag: did any input hold a NaN or inf."""
+    def _early_backward(self, loss: torch.Tensor) -> None:
+        """The method's ``backward_now``: this iteration's backward (1/G, loss scaling), out of autocast as the
+        backward of ``total_loss`` is."""
+        with torch.autocast(self.acc.device.type, enabled=False):
+            self._backward(loss)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """accelerate's backward (loss scaling) of one micro-batch's share, loss / G (no division at G = 1)."""
+        g = self.cfg.gradient_accumulation_steps
+        self.acc.backward(loss if g == 1 else loss / g)
+
+    def _forward_backward(self, iteration: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The micro-batches' mean losses, and device values that are all finite iff every input was."""
         g = self.cfg.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
-        bad_input = torch.zeros((), device=self.acc.device)
+        probes: list[torch.Tensor] = []
         self._host_batches = []  # scanned on the host only if the device finds a bad input
         for micro in range(g):
             host = next(self.batches)
             self._host_batches.append(host)
             batch = move_to(host, self.acc.device)
-            bad_input = bad_input + nonfinite_flag(batch, self.acc.device)
+            probes += finite_probes(batch)
             with self._no_sync(sync=micro == g - 1):
-                with self.acc.autocast():
+                with self.method.backward_with(self._early_backward), self.acc.autocast():
                     loss_map, _ = self.method.train_step(batch, iteration)
-                self.acc.backward(loss_map["total_loss"] / g)
+                self._backward(loss_map["total_loss"])
             for k, v in loss_map.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / g
-        return sums, bad_input
+                v = v.detach().float()
+                sums[k] = v if g == 1 else sums.get(k, 0.0) + v / g
+        return sums, probes
 
     def _clip(self, iteration: int) -> dict[str, torch.Tensor]:
         """Clip (or just measure) the grad norm of each module whose optimizer steps now.
@@ -140,22 +153,23 @@ class Trainer:
         return norms
 
     def _finite(
-        self, losses: list[torch.Tensor], norms: list[torch.Tensor], bad_input: torch.Tensor | None = None
+        self, losses: list[torch.Tensor], norms: list[torch.Tensor], inputs: Sequence[torch.Tensor] = ()
     ) -> tuple[bool, bool, bool]:
-        """(losses, gradient norms, inputs) finite on every rank: the iteration's one host-device sync."""
+        """(losses, gradient norms, inputs) finite on every rank: the iteration's one host-device sync.
 
-        def bad(values: list[torch.Tensor]) -> torch.Tensor:
-            if not values:
-                return torch.zeros((), device=self.acc.device)
-            stacked = torch.stack([v.detach().reshape(()).float().to(self.acc.device) for v in values])
-            return (~torch.isfinite(stacked)).any().float()
-
-        no_input = torch.zeros((), device=self.acc.device) if bad_input is None else bad_input.float()
-        flags = torch.stack([bad(losses), bad(norms), no_input])
-        if self.acc.num_processes > 1:
-            flags = self.acc.reduce(flags, reduction="sum")  # every rank decides alike
-        bad_loss, bad_grad, bad_inputs = flags.tolist()
-        return bad_loss == 0, bad_grad == 0, bad_inputs == 0
+        One ``isfinite`` over all the values stacked (``inputs``: :func:`finite_probes` of the batches)."""
+        groups = (losses, norms, inputs)
+        values = [v.reshape(()).to(self.acc.device, torch.float32) for group in groups for v in group]
+        if not values:
+            return True, True, True
+        bad = ~torch.isfinite(torch.stack(values))
+        ends = list(itertools.accumulate(len(group) for group in groups))
+        if self.acc.num_processes > 1:  # every rank decides alike: the groups' bad counts, summed over ranks
+            counts = [bad[a:b].sum() for a, b in zip([0, *ends], ends)]
+            flags = self.acc.reduce(torch.stack(counts).float(), reduction="sum").tolist()
+            return tuple(f == 0 for f in flags)
+        bad = bad.tolist()
+        return tuple(not any(bad[a:b]) for a, b in zip([0, *ends], ends))
 
     def _stop_on_bad_input(self, it: int) -> NoReturn:
         """A NaN/inf in this iteration's data, on some rank: one line naming its file and row, on every rank,
@@ -187,9 +201,9 @@ class Trainer:
     def step(self) -> dict[str, torch.Tensor]:
         """One iteration: G micro-batches, then clip + step (or skip if non-finite)."""
         it = self.state.iteration
-        metrics, bad_input = self._forward_backward(it)
+        metrics, probes = self._forward_backward(it)
         norms = self._clip(it)
-        loss_ok, grads_ok, inputs_ok = self._finite(list(metrics.values()), list(norms.values()), bad_input)
+        loss_ok, grads_ok, inputs_ok = self._finite(list(metrics.values()), list(norms.values()), probes)
         if not inputs_ok:
             self._stop_on_bad_input(it)
         metrics.update(norms)
@@ -197,9 +211,8 @@ class Trainer:
         if loss_ok and grads_ok:
             self.method.optimizers_schedulers_step(it)  # with fp16, accelerate's optimizer updates the scaler
             self.state.consecutive_nonfinite = 0
-            stepped = [
-                name for name, opt in self.method.optimizer_dict.items() if opt in self.method.get_optimizers(it)
-            ]
+            current = self.method.get_optimizers(it)
+            stepped = [name for name, opt in self.method.optimizer_dict.items() if opt in current]
         else:
             self._skip(it, scale_overflow=loss_ok)
         self.method.optimizers_zero_grad(it)
