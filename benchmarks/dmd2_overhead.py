@@ -34,6 +34,15 @@ pieces (accelerate's optimizer wrapper, LR scheduler, data, non-finite guard,
 per-sample noise streams) against plain-torch equivalents to show where the
 difference goes.
 
+A run is ``--repeats`` such blocks; runs repeat until two consecutive ones agree
+within ``--agree`` on every ratio (at most ``--max-runs``), and the RESULT line is
+the median of the runs' ratios. The machine's state (load average, torch threads)
+is printed at the start and the end: wall-time ratios from a loaded machine are
+not figures. Minor page faults of each iteration and of its parts are counted too:
+on the CPU, glibc's malloc returns freed heap tops to the kernel and faults them
+in again, which a GPU's caching allocator does not (rerun with
+``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` set to see that part go).
+
 Many-threaded CPU runs on a loaded machine inflate every small op (an OpenMP
 parallel region waits for a descheduled thread), which hurts the op-rich trainer
 side more than the parts; compare with ``--threads 1`` when the box is busy.
@@ -46,6 +55,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import resource
 import sys
 import tempfile
 from collections import defaultdict
@@ -64,6 +75,7 @@ from benchmarks.common import (
     median,
     timed,
 )
+from benchmarks.dmd2_pieces import Pieces
 
 STEPS = (1000.0, 757.0, 522.0)  # tests' 3-step schedule: simulate exit index k in {0, 1, 2}
 INTERVAL = 2  # student update on even iterations, critic-only on odd ones
@@ -77,6 +89,15 @@ PART_NAMES = {
     "opt_student": "student clip + AdamW + zero_grad",
     "opt_critic": "critic clip + AdamW + zero_grad",
 }
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def machine_state() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"load average (1, 5, 15 min) {load}; torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs"
 
 
 def part_counts(kind: str, k: int) -> dict[str, int]:
@@ -144,13 +165,14 @@ class Parts:
             "opt_critic": lambda: self._opt("critic"),
         }[name]
 
-    def run(self, kind: str, k: int) -> dict[str, list[float]]:
-        """Time every part of one iteration of ``kind``, in the order the iteration runs them."""
+    def run(self, kind: str, k: int) -> tuple[dict[str, list[float]], int]:
+        """Time every part of one iteration of ``kind``, in the order the iteration runs them; and their faults."""
         out: dict[str, list[float]] = defaultdict(list)
+        faults = minor_faults()
         for name, count in part_counts(kind, k).items():
             for _ in range(count):
                 out[name].append(timed(self.fn(name), self.device))
-        return out
+        return out, minor_faults() - faults
 
 
 class Bench:
@@ -174,8 +196,12 @@ class Bench:
         self.rt, self.trainer = build_trainer(cfg, root / f"{mode}.yaml")
         self.method = self.rt.method
         self.parts = Parts(self.rt, shape, bs)
-        # per iteration kind: [(T_iter, k, repeat, T_parts of its own parts)], and part name -> times
-        self.iters: dict[str, list[tuple[float, int, int, float]]] = defaultdict(list)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the samples (a new run)."""
+        # per iteration kind: [(T_iter, k, repeat, T_parts of its own parts, faults iter, faults parts)]
+        self.iters: dict[str, list[tuple[float, int, int, float, int, int]]] = defaultdict(list)
         self.part_times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def _exit_index(self) -> tuple[int, torch.Generator | None]:
@@ -193,22 +219,24 @@ class Bench:
         kind = "student" if self.method.updates_student(self.trainer.state.iteration) else "critic"
         k, gen = self._exit_index()
         if parts_first:
-            parts = self.parts.run(kind, k)
+            parts, parts_faults = self.parts.run(kind, k)
+        faults = minor_faults()
         t_iter = timed(self.trainer.step, self.method.device)
+        faults = minor_faults() - faults
         if gen is not None and not torch.equal(gen.get_state(), self.method.shared_gen.get_state()):
             raise RuntimeError("the iteration drew from the shared generator differently than predicted")
         if not parts_first:
-            parts = self.parts.run(kind, k)
+            parts, parts_faults = self.parts.run(kind, k)
         if repeat is None:
             return
-        self.iters[kind].append((t_iter, k, repeat, sum(sum(ts) for ts in parts.values())))
+        self.iters[kind].append((t_iter, k, repeat, sum(sum(ts) for ts in parts.values()), faults, parts_faults))
         for name, times in parts.items():
             self.part_times[kind][name] += times
 
     def summary(self, kind: str) -> dict:
         meds = {n: median(ts) for n, ts in self.part_times[kind].items()}
         t_iter, t_parts, paired, pooled, extra, by_repeat = [], [], [], [], [], defaultdict(list)
-        for ti, k, rep, own in self.iters[kind]:
+        for ti, k, rep, own, _, _ in self.iters[kind]:
             # pooled: this iteration's part counts x the medians over all runs of each part
             tp = sum(c * meds[n] for n, c in part_counts(kind, k).items() if c)
             t_iter.append(ti)
@@ -230,93 +258,134 @@ class Bench:
             "pooled": median(pooled),
             "rep_min": min(rep_ratios),
             "rep_max": max(rep_ratios),
+            "faults": median([it[4] for it in self.iters[kind]]),
+            "parts_faults": median([it[5] for it in self.iters[kind]]),
             "meds": meds,
         }
 
 
-class Pieces:
-    """Framework pieces of ``Trainer.step`` against their plain-torch equivalents, alternating A/B order.
+def run_once(benches: list[Bench], pieces: Pieces | None, repeats: int, iters: int, n_pieces: int) -> None:
+    """One run: ``repeats`` interleaved blocks of ``iters`` iterations per mode, each paired with its parts."""
+    for b in benches:
+        b.reset()
+    for rep in range(repeats):
+        for b in benches:
+            # Untimed: the first work after the other runtime's block runs cold (caches, freed
+            # pages), and every block starts with a student update; keep that out of both sides.
+            b.parts.run("student", 0)
+            for i in range(iters):
+                # ABBA per iteration kind against drift, flipped every repeat
+                b.one(rep, parts_first=(i // 2 + rep) % 2 == 1)
+        if pieces is not None:
+            for _ in range(n_pieces):
+                pieces.run()
+        print(f"  repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
 
-    Not part of the ratio: this says where T_iter - T_parts goes. Uses the critic role
-    (grads from one forward + backward) and the trainer's own data iterator.
-    """
 
-    def __init__(self, bench: Bench):
-        from accel_distill.trainer.loop import move_to
+def ratios(benches: list[Bench]) -> dict[str, float]:
+    """``{"<mode>/<iteration>": ratio (paired)}`` of the run just made."""
+    return {
+        f"{b.mode}/{label.replace(' ', '-')}": b.summary(kind)["ratio"]
+        for b in benches
+        for kind, label in (("student", "student update"), ("critic", "critic only"))
+    }
 
-        rt, trainer, method = bench.rt, bench.trainer, bench.method
-        acc, h = rt.accelerator, rt.bundle["critic"]
-        raw_opt = getattr(h.optimizer, "optimizer", h.optimizer)
-        self.bench, self.device = bench, method.device
-        metrics = [torch.tensor(float(i), device=self.device) for i in range(5)]  # a student iteration logs 5
-        self.pairs: dict[str, tuple] = {
-            "AdamW step (AcceleratedOptimizer / torch)": (h.optimizer.step, raw_opt.step),
-            "LR scheduler step (LambdaLR / none)": (h.lr_scheduler.step, lambda: None),
-            "next batch + move_to (LatentStream / none)": (
-                lambda: move_to(next(trainer.batches), acc.device),
-                lambda: None,
-            ),
-        }
-        if hasattr(trainer, "_all_finite"):
-            self.pairs["non-finite guard, 5 metrics (Trainer._all_finite / one stacked check)"] = (
-                lambda: trainer._all_finite(metrics),
-                lambda: bool(torch.isfinite(torch.stack(metrics)).all().item()),
+
+def print_tables(benches: list[Bench], pieces: Pieces | None, size: str, repeats: int, iters: int) -> None:
+    dev = benches[0].method.device
+    shape = SIZES[size]["latent_shape"]
+    print(
+        f"\n### DMD2 iteration overhead (last run): size={size}, latent {list(shape)}, batch "
+        f"{SIZES[size]['batch_size']}, device {dev}, {torch.get_num_threads()} threads, {repeats} repeats x "
+        f"{iters} iterations per mode, student every {INTERVAL}, {len(STEPS)}-step schedule\n"
+    )
+    rows = []
+    for b in benches:
+        for kind, label in (("student", "student update"), ("critic", "critic only")):
+            s = b.summary(kind)
+            k = f", mean k={s['mean_k']:.2f}" if b.mode == "simulate" else ""
+            rows.append(
+                [
+                    b.mode,
+                    f"{label}{k}",
+                    s["n"],
+                    f"{1e3 * s['t_iter']:.2f}",
+                    f"{1e3 * s['t_parts']:.2f}",
+                    f"{1e3 * s['opt']:.2f}",
+                    f"{1e3 * s['extra']:.2f}",
+                    f"**{s['ratio']:.3f}**",
+                    f"{s['rep_min']:.3f}-{s['rep_max']:.3f}",
+                    f"{s['pooled']:.3f}",
+                    f"{s['faults']:.0f} / {s['parts_faults']:.0f}",
+                ]
             )
-        if hasattr(method, "sample_noise"):
-            batch = move_to(next(trainer.batches), acc.device)
-            x, b, n = bench.parts.x, bench.parts.x.shape[0], len(method.timesteps)
-            gen = torch.Generator(self.device).manual_seed(0)
+    header = [
+        "rollout",
+        "iteration",
+        "n",
+        "T_iter ms (median)",
+        "T_parts ms (median)",
+        "of which clip+AdamW ms",
+        "overhead ms (median T_iter_i - T_parts_i)",
+        "ratio (paired)",
+        "per-repeat range",
+        "ratio (pooled medians)",
+        "minor page faults iter / parts (median)",
+    ]
+    print(md_table(header, rows))
+    print("\nParts (median ms per call, each run alone):\n")
+    part_rows = []
+    for b in benches:
+        for kind in ("student", "critic"):
+            meds = b.summary(kind)["meds"]
+            for name, label in PART_NAMES.items():
+                if name in meds:
+                    part_rows.append([b.mode, kind, label, f"{1e3 * meds[name]:.3f}"])
+    print(md_table(["rollout", "iteration", "part", "ms"], part_rows))
+    print(
+        "\nratio (paired) = median over iterations i of T_iter_i / T_parts_i, T_parts_i = the summed times of "
+        "iteration i's own parts, run right before or after it (alternating). ratio (pooled medians) = median_i "
+        "T_iter_i / sum over parts of (calls in iteration i) x (median of that part over the whole run). "
+        "clip + AdamW + zero_grad are counted as parts in both."
+    )
+    if pieces is not None:
+        print(f"\nWhere the overhead goes (median us per call over {pieces.n} alternating A/B samples):\n")
+        print(md_table(["piece (A / B)", "A us", "B us", "A - B us"], pieces.rows()))
 
-            def per_sample() -> None:  # the draws of a data-mode student-update iteration
-                rng = method.sample_noise(batch)
-                rng.randint(n), rng.randn_like(x), rng.rand(), rng.randn_like(x), rng.rand(), rng.randn_like(x)
 
-            def one_generator() -> None:
-                torch.randint(n, (b,), generator=gen, device=self.device)
-                for _ in range(3):
-                    torch.randn(x.shape, generator=gen, device=self.device)
-                for _ in range(2):
-                    torch.rand(b, generator=gen, device=self.device)
-
-            self.pairs["noise of one iteration (per-sample SampleNoise / one generator)"] = (per_sample, one_generator)
-        self.times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in self.pairs}
-        self.n = 0
-
-    def run(self) -> None:
-        self.bench.parts.fn("critic_fwd_bwd")()  # gradients for the optimizer step
-        first = self.n % 2  # alternate which side goes first
-        for name, fns in self.pairs.items():
-            for side in (first, 1 - first):
-                self.times[name][side].append(timed(fns[side], self.device))
-        self.bench.rt.bundle["critic"].optimizer.zero_grad(set_to_none=True)
-        self.n += 1
-
-    def rows(self) -> list[list[str]]:
-        out = []
-        for name, (a, b) in self.times.items():
-            ma, mb = median(a), median(b)
-            out.append([name, f"{1e6 * ma:.0f}", f"{1e6 * mb:.0f}", f"{1e6 * (ma - mb):+.0f}"])
-        return out
+def result_line(size: str, finals: dict[str, float], label: str) -> str:
+    worst = max(finals.values())
+    return (
+        f"RESULT dmd2_overhead size={size}{label}: T_iter/T_parts "
+        + " ".join(f"{name}={r:.3f}" for name, r in finals.items())
+        + f" (worst {worst:.3f}, target <= 1.05: {'PASS' if worst <= 1.05 else 'FAIL'})"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--iters", type=int, default=None, help="trainer iterations per mode per repeat (even)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (blocks per mode)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (blocks per mode) per run")
     p.add_argument("--warmup", type=int, default=4, help="unrecorded iterations (+ parts) per mode first")
     p.add_argument("--modes", default="data,simulate", help="rollout modes, comma-separated")
     p.add_argument("--prefetch", type=int, default=2, help="training.dataloader_num_workers (prefetch depth)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pieces", type=int, default=None, help="framework-piece A/B samples per repeat (0: skip)")
+    p.add_argument("--agree", type=float, default=0.03, help="stop when two consecutive runs' ratios differ by <= this")
+    p.add_argument("--min-runs", type=int, default=2)
+    p.add_argument("--max-runs", type=int, default=4)
     a = p.parse_args()
     iters = a.iters if a.iters is not None else {"tiny": 20, "20m": 4}[a.size]
-    repeats = a.repeats if a.repeats is not None else {"tiny": 8, "20m": 6}[a.size]
+    repeats = a.repeats if a.repeats is not None else {"tiny": 8, "20m": 4}[a.size]
     n_pieces = a.pieces if a.pieces is not None else {"tiny": 4, "20m": 1}[a.size]
     if iters < 2 or iters % 2:
         p.error("--iters must be even (student-update and critic-only iterations alternate)")
+    if not 1 <= a.min_runs <= a.max_runs:
+        p.error("need 1 <= --min-runs <= --max-runs")
     torch.set_num_threads(a.threads)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    print(f"machine at start: {machine_state()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="dmd2-overhead-") as tmp:
         root = Path(tmp)
@@ -326,87 +395,23 @@ def main() -> None:
             for _ in range(a.warmup):
                 b.one(None)
         pieces = Pieces(benches[0]) if n_pieces else None
-        for rep in range(repeats):
-            for b in benches:
-                # Untimed: the first work after the other runtime's block runs cold (caches, freed
-                # pages), and every block starts with a student update; keep that out of both sides.
-                b.parts.run("student", 0)
-                for i in range(iters):
-                    # ABBA per iteration kind against drift, flipped every repeat
-                    b.one(rep, parts_first=(i // 2 + rep) % 2 == 1)
-            if pieces is not None:
-                for _ in range(n_pieces):
-                    pieces.run()
-            print(f"repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
-
-        dev = benches[0].method.device
-        shape = SIZES[a.size]["latent_shape"]
-        print(
-            f"\n### DMD2 iteration overhead: size={a.size}, latent {list(shape)}, batch {SIZES[a.size]['batch_size']}, "
-            f"device {dev}, {torch.get_num_threads()} threads, {repeats} repeats x {iters} iterations per mode, "
-            f"student every {INTERVAL}, {len(STEPS)}-step schedule\n"
-        )
-        rows, finals = [], []
-        for b in benches:
-            for kind, label in (("student", "student update"), ("critic", "critic only")):
-                s = b.summary(kind)
-                k = f", mean k={s['mean_k']:.2f}" if b.mode == "simulate" else ""
-                rows.append(
-                    [
-                        b.mode,
-                        f"{label}{k}",
-                        s["n"],
-                        f"{1e3 * s['t_iter']:.2f}",
-                        f"{1e3 * s['t_parts']:.2f}",
-                        f"{1e3 * s['opt']:.2f}",
-                        f"{1e3 * s['extra']:.2f}",
-                        f"**{s['ratio']:.3f}**",
-                        f"{s['rep_min']:.3f}-{s['rep_max']:.3f}",
-                        f"{s['pooled']:.3f}",
-                    ]
-                )
-                finals.append(f"{b.mode}/{label.replace(' ', '-')}={s['ratio']:.3f}")
-        print(
-            md_table(
-                [
-                    "rollout",
-                    "iteration",
-                    "n",
-                    "T_iter ms (median)",
-                    "T_parts ms (median)",
-                    "of which clip+AdamW ms",
-                    "overhead ms (median T_iter_i - T_parts_i)",
-                    "ratio (paired)",
-                    "per-repeat range",
-                    "ratio (pooled medians)",
-                ],
-                rows,
-            )
-        )
-        print("\nParts (median ms per call, each run alone):\n")
-        part_rows = []
-        for b in benches:
-            for kind in ("student", "critic"):
-                meds = b.summary(kind)["meds"]
-                for name, label in PART_NAMES.items():
-                    if name in meds:
-                        part_rows.append([b.mode, kind, label, f"{1e3 * meds[name]:.3f}"])
-        print(md_table(["rollout", "iteration", "part", "ms"], part_rows))
-        print(
-            "\nratio (paired) = median over iterations i of T_iter_i / T_parts_i, T_parts_i = the summed times of "
-            "iteration i's own parts, run right before or after it (alternating). ratio (pooled medians) = median_i "
-            "T_iter_i / sum over parts of (calls in iteration i) x (median of that part over the whole run). "
-            "clip + AdamW + zero_grad are counted as parts in both."
-        )
-        if pieces is not None:
-            print(f"\nWhere the overhead goes (median us per call over {pieces.n} alternating A/B samples):\n")
-            print(md_table(["piece (A / B)", "A us", "B us", "A - B us"], pieces.rows()))
-        worst = max(float(f.split("=")[1]) for f in finals)
-        print(
-            f"\nRESULT dmd2_overhead size={a.size}: T_iter/T_parts "
-            + " ".join(finals)
-            + f" (worst {worst:.3f}, target <= 1.05: {'PASS' if worst <= 1.05 else 'FAIL'})"
-        )
+        runs: list[dict[str, float]] = []
+        while len(runs) < a.max_runs:
+            print(f"run {len(runs) + 1} (at most {a.max_runs})", file=sys.stderr, flush=True)
+            run_once(benches, pieces, repeats, iters, n_pieces)
+            runs.append(ratios(benches))
+            print(result_line(a.size, runs[-1], f" run {len(runs)}"), flush=True)
+            if len(runs) >= a.min_runs and len(runs) >= 2:
+                spread = max(abs(runs[-1][n] - runs[-2][n]) for n in runs[-1])
+                if spread <= a.agree:
+                    break
+        print_tables(benches, pieces, a.size, repeats, iters)
+        spread = max(abs(runs[-1][n] - runs[-2][n]) for n in runs[-1]) if len(runs) > 1 else math.nan
+        agreed = "yes" if spread <= a.agree else f"NO (after {a.max_runs} runs: not a figure)"
+        print(f"\nruns: {len(runs)}; last two runs differ by at most {spread:.3f} (agree within {a.agree}: {agreed})")
+        print(f"machine at end: {machine_state()}")
+        finals = {n: median([r[n] for r in runs]) for n in runs[-1]}
+        print(result_line(a.size, finals, f" median of {len(runs)} runs"))
 
 
 if __name__ == "__main__":
