@@ -30,7 +30,7 @@ from accel_distill.digits.video import DIRECTIONS, FPS, FRAME_SIZE, NUM_FRAMES, 
 TEACHER_CONFIG = "configs/digits/video_teacher_finetune.yaml"
 CLIPS_PER_DIGIT = 4  # training clips written per training digit (each its own direction, speed, start)
 VAE_CLIPS = 3000  # clips the VAE trains on
-VAE_STEPS = 600
+VAE_STEPS = 2500  # ~16 min on the shared 2 cores; at 600 the digits were blobs (MSE 0.06 vs 0.015)
 # the image VAE at half width with one level less, time compressed 2x: 9x16x16 -> 5x4x4. With time
 # compressed 4x, 800 steps gave position and motion but blobs instead of digits; without any, WanPipeline
 # rounds 9 frames up to 10 (it wants num_frames % factor == 1).
