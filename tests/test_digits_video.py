@@ -61,8 +61,18 @@ def test_clips_move_as_captioned_and_stay_in_frame():
     assert list(fixed.labels) == list(range(8)) and [DIRECTIONS[d] for d in fixed.directions[:2]] == ["left", "right"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on the shared 2-core machine two torch threads made this file ~4x slower
+    (72 s vs 15 s for it and test_digits.py together)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def fast_build(tmp_path_factory):
+def fast_build(tmp_path_factory, one_thread):
     from accel_distill.digits.build_video import build
 
     tmp = tmp_path_factory.mktemp("digits_video")
