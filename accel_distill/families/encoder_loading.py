@@ -9,6 +9,7 @@ names its stock classes and reads its VAE config's compression (``configure``).
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from functools import lru_cache
 from typing import ClassVar
 
@@ -58,7 +59,7 @@ def load_text_pipeline(
     return pipe
 
 
-class LazyEncoders:
+class LazyEncoders(ABC):
     """VAE + text encoder of a diffusers folder or Hub id for preprocessing; weights load on first use.
 
     A subclass sets ``vae_class`` / ``pipeline_class`` (diffusers names), the components the text-only
@@ -80,9 +81,9 @@ class LazyEncoders:
         self._vae = None
         self._pipe = None
 
+    @abstractmethod
     def configure(self, vae: dict) -> None:
         """Read the latent channels and compression factors from the VAE's config."""
-        raise NotImplementedError
 
     # -- checks -------------------------------------------------------------------------
     def check_video_size(self, height: int, width: int, num_frames: int) -> None:
