@@ -19,6 +19,7 @@ import torch
 
 from accel_distill.errors import DataError
 
+from .buffers import BufferPool
 from .finite import copy_checked
 from .schema import (
     CAPTION,
@@ -106,12 +107,17 @@ class Reader:
         self.cache_groups = max(1, cache_groups)
         self._files: OrderedDict[int, tuple[pq.ParquetFile, Any]] = OrderedDict()  # (file, its source)
         self._groups: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        # Batch memory reused once the consumer drops a batch (fresh pages cost a fault each: :mod:`.buffers`).
+        # Live at once: the consumer's batch, ``prefetch`` queued, the one being built; one more is free.
+        per_batch = 1 + stream.has_latents + len(stream.extra_tensor_columns)
+        self.pool = BufferPool(per_batch * (stream.prefetch + 3), pin_memory=stream.pin_memory)
 
     def close(self) -> None:
         for f, _ in self._files.values():
             f.close()
         self._files.clear()
         self._groups.clear()
+        self.pool.clear()
 
     def _file(self, fi: int) -> tuple[pq.ParquetFile, Any]:
         if fi in self._files:
@@ -222,14 +228,14 @@ class Reader:
                     f"latent dtypes differ within a batch: {first.where()} is {first.latent_dtype}, "
                     f"{r.where()} is {r.latent_dtype}"
                 )
-        text = torch.empty((len(recs), self.s.text_max_length, first.text_shape[1]), dtype=first.text_dtype)
+        text = self.pool.empty((len(recs), self.s.text_max_length, first.text_shape[1]), first.text_dtype)
         for i, r in enumerate(recs):
             self._put(text[i, : r.text_shape[0]], r, "text embedding", r.text)
             text[i, r.text_shape[0] :] = 0  # zero padding at the end, as WanPipeline pads
         batch = {"text_embeds": text, "ids": [r.id for r in recs], "captions": [r.caption for r in recs]}
         batch["row_sources"] = [r.where() for r in recs]  # names a bad sample's file and row downstream
         if self.s.has_latents:
-            latents = torch.empty((len(recs), *first.latent_shape), dtype=first.latent_dtype)
+            latents = self.pool.empty((len(recs), *first.latent_shape), first.latent_dtype)
             for i, r in enumerate(recs):
                 self._put(latents[i], r, "latent", r.latent)
             batch = {"latents": latents, **batch}
@@ -241,7 +247,7 @@ class Reader:
                         f"{name!r} differs within a batch: {first.where()} is {shape} {dtype}, "
                         f"{r.where()} is {r.extra[name][1]} {r.extra[name][2]}"
                     )
-            out = torch.empty((len(recs), *shape), dtype=dtype)
+            out = self.pool.empty((len(recs), *shape), dtype)
             for i, r in enumerate(recs):
                 self._put(out[i].reshape(-1) if out[i].dim() == 0 else out[i], r, name, r.extra[name][0])
             batch[name] = out

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from accel_distill.errors import DataError
 
@@ -104,7 +103,8 @@ class LatentStream:
     of every row against the model, text length, byte sizes, and (``check_finite``) NaN/inf
     in every tensor (training turns it off and checks the batch on the device instead, see
     :mod:`.finite`), each failing with one line naming the file and row. Keep one live
-    iterator at a time: each one advances the shared position.
+    iterator at a time: each one advances the shared position. A batch's tensors may reuse
+    the memory of an earlier batch that nothing references any more (:mod:`.buffers`).
     """
 
     def __init__(
@@ -406,9 +406,7 @@ class LatentStream:
                 k = index // gb
                 while k < len(plan):
                     rows = plan.rows[k, mine]
-                    batch = reader.batch(rows)
-                    if self.pin_memory:  # in the prefetch thread, off the training loop's critical path
-                        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = reader.batch(rows)  # pinned when pin_memory: allocated so, in the prefetch thread
                     # (epoch, global row) per sample: keys per-sample random streams downstream
                     # a plain list: it stays on the host when the batch moves to the device (no sync to read it)
                     batch["sample_keys"] = [(int(e), int(r)) for e, r in zip(plan.epochs[k, mine], rows)]
