@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/data_reader.py [--samples 192] [--row-group-size 8]
         [--batch 4] [--repeats 3] [--ranks 1,2] [--sources local,hub] [--text-tokens 70] [--threads 1]
+    PYTHONPATH=. .venv/bin/python benchmarks/data_reader.py --variants --repeats 7   # where the time goes
 
 Data: Wan2.1-1.3B-size rows (latent 16x21x60x104 bf16, 4.2 MB; text ``--text-tokens`` x 4096
 bf16), written by ``write_parquet`` into files of ``--rows-per-file`` rows, read with a warm
@@ -16,9 +17,10 @@ one warm-up batch:
   ``iter_batches`` here) of this rank's row groups (group k to rank k % world) in file order, cut
   into batches of ``--batch`` rows, local files memory-mapped
   as the reader opens them, each binary value taken zero-copy (``Array.buffers()``) and copied once
-  into the same batch tensors (stacked latents, text zero-padded to ``--text-max-length``), no
-  shuffle, no checks; run in the reader's own prefetch thread (2 ahead, the same concurrency as
-  ours: the headline ratio) and in the consuming loop.
+  into the same batch tensors, new ones per batch (stacked latents, text zero-padded to
+  ``--text-max-length``: only the padding is zeroed, as the reader does), no shuffle, no checks;
+  run in the reader's own prefetch thread (2 ahead, the same concurrency as ours: the headline
+  ratio) and in the consuming loop.
 
 Workers run with ``--threads`` torch threads (1: on the shared 2-core hosts every OpenMP memset
 otherwise waits for a descheduled thread). With 2 ranks both processes run at once and the rate is all samples over the wall time of the
@@ -27,6 +29,9 @@ serving from disk over HTTP on 127.0.0.1), read by byte range through ``HfFileSy
 Runs alternate ours / the baselines; ratios are of the medians (target >= 0.9x locally).
 ``--with-datasets`` adds ``datasets``' own streaming (local, no shuffle buffer: its upper bound);
 ``--datasets-resume`` only checks whether its shuffled stream resumes exactly from ``state_dict()``.
+``--variants`` (local, 1 rank) times the reader and the baseline each with one thing changed
+(:mod:`benchmarks.data_reader_workers`: shuffle, prefetch thread, batch memory reuse) and reports
+page faults per sample and the system share of the CPU time, where the reader's time went.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.data_reader_workers import KINDS, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = (16, 21, 60, 104)  # Wan2.1 T2V 1.3B, 81 frames at 480x832
@@ -67,158 +74,6 @@ def write_data(folder: Path, samples: int, rows_per_file: int, row_group_size: i
         ]
         write_parquet(folder / f"part-{k // rows_per_file:05d}.parquet", rows, row_group_size=row_group_size or None)
     done.write_text(json.dumps(spec))
-
-
-# -- workers (one process each) -------------------------------------------------------------------
-
-
-def worker_ours(source: str, batch: int, rank: int, world: int, text_max_length: int, check_finite: bool):
-    from accel_distill.data import LatentStream
-
-    s = LatentStream(
-        source,
-        batch_size=batch,
-        seed=0,
-        rank=rank,
-        world_size=world,
-        text_max_length=text_max_length,
-        check_finite=check_finite,
-    )
-    n = s.batches_per_epoch
-    it = iter(s)
-    next(it)  # start-up (footers, first group, prefetch thread) not timed
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(n - 1):
-        b = next(it)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    assert b["latents"].shape == (batch, *LATENT) and b["text_embeds"].shape[1] == text_max_length
-    return (n - 1) * batch, elapsed, cpu
-
-
-def pyarrow_batches(source: str, batch: int, rank: int, world: int, text_max_length: int):
-    """Plain pyarrow: this rank's row groups in file order, the same columns and batch fields as the reader
-    (ids, captions, tensors in their stored dtype), values zero-copy, one copy into the batch tensors."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    from accel_distill.data.schema import CAPTION, ID, LATENT_COLUMNS, TEXT_COLUMNS, copy_bytes_into, dtype_from_name
-
-    if source.startswith("hf://"):
-        from huggingface_hub import HfFileSystem
-
-        fs = HfFileSystem()
-        files = sorted("hf://" + p for p in fs.glob(source.rstrip("/") + "/**/*.parquet"))
-        open_ = lambda f: pq.ParquetFile(fs.open(f, "rb", block_size=1 << 20, cache_type="none"))  # noqa: E731
-    else:
-        files = sorted(str(p) for p in Path(source).rglob("*.parquet"))
-        open_ = lambda f: pq.ParquetFile(f, memory_map=True)  # noqa: E731  (as the reader opens local files)
-
-    def values(column: pa.ChunkedArray) -> list:
-        chunk = column.chunk(0)
-        _, offsets, data = chunk.buffers()
-        off = np.frombuffer(offsets, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
-        return [data.slice(int(a), int(b - a)) for a, b in zip(off[:-1], off[1:])]
-
-    columns = [ID, CAPTION, *LATENT_COLUMNS, *TEXT_COLUMNS]
-    plan, g = [], 0  # (file, this rank's row groups of it)
-    for f in files:
-        with open_(f) as pf:
-            plan.append((f, [i for i in range(pf.metadata.num_row_groups) if (g + i) % world == rank]))
-            g += pf.metadata.num_row_groups
-
-    def tensors(rows: list[dict]) -> dict:
-        first = rows[0]
-        latents = torch.empty((len(rows), *first["ls"]), dtype=dtype_from_name(first["ld"]))
-        text = torch.zeros((len(rows), text_max_length, first["ts"][1]), dtype=dtype_from_name(first["td"]))
-        for i, r in enumerate(rows):
-            copy_bytes_into(latents[i], r["l"])
-            copy_bytes_into(text[i, : r["ts"][0]], r["t"])
-        ids, captions = [r["id"] for r in rows], [r["caption"] for r in rows]
-        return {"latents": latents, "text_embeds": text, "ids": ids, "captions": captions}
-
-    pending: list = []  # rows of the batch being filled (row groups may be smaller than a batch)
-    for f, groups in plan:
-        with open_(f) as pf:
-            for g in groups:  # read_row_group: ~1.5x cheaper than iter_batches for these rows
-                table = pf.read_row_group(g, columns=columns).combine_chunks()
-                cols = {
-                    "id": table.column(ID).to_pylist(),
-                    "caption": table.column(CAPTION).to_pylist(),
-                    "l": values(table.column(LATENT_COLUMNS[0])),
-                    "ls": table.column(LATENT_COLUMNS[1]).to_pylist(),
-                    "ld": table.column(LATENT_COLUMNS[2]).to_pylist(),
-                    "t": values(table.column(TEXT_COLUMNS[0])),
-                    "ts": table.column(TEXT_COLUMNS[1]).to_pylist(),
-                    "td": table.column(TEXT_COLUMNS[2]).to_pylist(),
-                }
-                for i in range(table.num_rows):
-                    pending.append({k: v[i] for k, v in cols.items()})
-                    if len(pending) == batch:
-                        yield tensors(pending)
-                        pending = []
-
-
-def worker_datasets(source: str, batch: int, rank: int, world: int, text_max_length: int):
-    """``datasets``' own streaming: ``load_dataset("parquet", streaming=True)`` split by node, no shuffle buffer
-    (its upper bound), rows as Python dicts (bytes values) copied into the same batch tensors."""
-    import torch
-    from datasets import load_dataset
-    from datasets.distributed import split_dataset_by_node
-
-    from accel_distill.data.schema import copy_bytes_into, dtype_from_name
-
-    files = sorted(str(p) for p in Path(source).rglob("*.parquet"))
-    ds = split_dataset_by_node(load_dataset("parquet", data_files=files, split="train", streaming=True), rank, world)
-    columns = ["id", "caption", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype"]
-    columns += ["text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype"]
-    rows = iter(ds.select_columns(columns))
-
-    def batches():
-        pending = []
-        for r in rows:
-            pending.append(r)
-            if len(pending) == batch:
-                first = pending[0]
-                lat = torch.empty((batch, *first["vae_latent_shape"]), dtype=dtype_from_name(first["vae_latent_dtype"]))
-                text = torch.zeros(
-                    (batch, text_max_length, first["text_embedding_shape"][1]),
-                    dtype=dtype_from_name(first["text_embedding_dtype"]),
-                )
-                for i, x in enumerate(pending):
-                    copy_bytes_into(lat[i], x["vae_latent_bytes"])
-                    copy_bytes_into(text[i, : x["text_embedding_shape"][0]], x["text_embedding_bytes"])
-                yield lat
-                pending = []
-
-    it = batches()
-    next(it)
-    start, cpu, samples = time.perf_counter(), time.process_time(), 0
-    for b in it:
-        samples += len(b)
-    return samples, time.perf_counter() - start, time.process_time() - cpu
-
-
-def worker_pyarrow(source: str, batch: int, rank: int, world: int, text_max_length: int, thread: bool):
-    def ended():  # the reader's prefetch helper serves endless sources: mark the end
-        yield from pyarrow_batches(source, batch, rank, world, text_max_length)
-        while True:
-            yield None
-
-    batches = ended()
-    if thread:  # the reader's own prefetch thread (2 ahead), so both sides have the same concurrency
-        from accel_distill.data.prefetch import prefetched
-
-        batches = prefetched(batches, 2)
-    samples = 0
-    next(batches)  # the same warm-up as ours: timing starts after the first batch
-    start, cpu = time.perf_counter(), time.process_time()
-    for b in batches:
-        if b is None:
-            break
-        samples += len(b["latents"])
-    return samples, time.perf_counter() - start, time.process_time() - cpu
 
 
 def datasets_resume(folder: Path, buffer: int = 8, first: int = 10, total: int = 24) -> str:
@@ -252,27 +107,12 @@ def datasets_resume(folder: Path, buffer: int = 8, first: int = 10, total: int =
     )
 
 
-def run_worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)  # memsets/copies in OpenMP regions stall on a busy 2-core host
-    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-    t0 = time.time()
-    common = (args.source, args.batch, args.rank, args.world, args.text_max_length)
-    if args.worker == "ours":
-        samples, elapsed, cpu = worker_ours(*common, check_finite=args.host_finite_check)
-    elif args.worker == "datasets":
-        samples, elapsed, cpu = worker_datasets(*common)
-    else:
-        samples, elapsed, cpu = worker_pyarrow(*common, thread=args.worker == "pyarrow-thread")
-    print(json.dumps({"samples": samples, "elapsed": elapsed, "cpu": cpu, "t_end": time.time(), "t0": t0}))
-
-
 # -- driver ----------------------------------------------------------------------------------------
 
 
-def measure(kind: str, source: str, world: int, args: argparse.Namespace, env: dict) -> tuple[float, float]:
-    """(samples per second of wall time, samples per CPU second) of ``world`` workers of ``kind`` run together."""
+def measure(kind: str, source: str, world: int, args: argparse.Namespace, env: dict) -> tuple[float, ...]:
+    """(samples per second of wall time, samples per CPU second, page faults per sample, system CPU share) of
+    ``world`` workers of ``kind`` run together."""
     cmd = [sys.executable, __file__, "--worker", kind, "--source", source, "--batch", str(args.batch)]
     cmd += ["--host-finite-check"] if args.host_finite_check else []
     cmd += ["--threads", str(args.threads)]
@@ -287,8 +127,20 @@ def measure(kind: str, source: str, world: int, args: argparse.Namespace, env: d
         if p.returncode != 0:
             raise RuntimeError(f"{kind} worker failed:\n{err[-3000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
-    samples = sum(r["samples"] for r in results)
-    return samples / max(r["elapsed"] for r in results), samples / sum(r["cpu"] for r in results)
+    samples, cpu = sum(r["samples"] for r in results), sum(r["cpu"] for r in results)
+    faults, sys_cpu = sum(r["faults"] for r in results), sum(r["sys"] for r in results)
+    return samples / max(r["elapsed"] for r in results), samples / cpu, faults / samples, sys_cpu / cpu
+
+
+def print_variants(runs: dict[str, list[tuple[float, ...]]]) -> None:
+    """One line per variant: medians, and ratios to the baseline in the reader's prefetch thread."""
+    med = {k: [statistics.median(r[i] for r in v) for i in range(4)] for k, v in runs.items()}
+    base = med["pyarrow-thread"]
+    for k, (wall, cpu, faults, sys_share) in med.items():
+        print(
+            f"VARIANT {k:16s} {wall:6.1f} samples/s ({wall / base[0]:.2f}x), {cpu:6.1f} per CPU s "
+            f"({cpu / base[1]:.2f}x), {faults:5.0f} page faults per sample, system CPU {sys_share:.0%}"
+        )
 
 
 def start_hub(folder: Path, env: dict) -> tuple[subprocess.Popen, str]:
@@ -316,9 +168,10 @@ def main() -> None:
     )
     p.add_argument("--data", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "accel_distill_reader_bench"))
     # worker mode
-    p.add_argument("--worker", choices=["ours", "pyarrow", "pyarrow-thread", "datasets"])
+    p.add_argument("--worker", choices=KINDS)
     p.add_argument("--with-datasets", action="store_true", help="also time datasets' streaming (local, no shuffle)")
     p.add_argument("--datasets-resume", action="store_true", help="only: does datasets' shuffled stream resume?")
+    p.add_argument("--variants", action="store_true", help="only: local, 1 rank, the variants of data_reader_workers")
     p.add_argument("--source")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world", type=int, default=1)
@@ -336,6 +189,8 @@ def main() -> None:
     groups = pq.ParquetFile(next(folder.glob("*.parquet"))).metadata.row_group(0).num_rows
     for f in folder.glob("*.parquet"):  # warm the page cache
         f.read_bytes()
+    if args.variants:
+        args.sources = "local"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
     env["HF_HOME"] = str(Path(args.data) / "hf-home")
     print(
@@ -352,13 +207,17 @@ def main() -> None:
                 path = "hf://datasets/bench/latents"
             else:
                 path = str(folder)
-            for world in (int(w) for w in args.ranks.split(",")):
+            for world in (int(w) for w in args.ranks.split(",")) if not args.variants else (1,):
                 kinds = ("ours", "pyarrow-thread", "pyarrow", *(("datasets",) if args.with_datasets else ()))
                 kinds = tuple(k for k in kinds if k != "datasets" or source == "local")
-                runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+                kinds = tuple(k for k in KINDS if k != "datasets") if args.variants else kinds
+                runs: dict[str, list[tuple[float, ...]]] = {k: [] for k in kinds}
                 for _ in range(args.repeats):
                     for kind in kinds:
                         runs[kind].append(measure(kind, path, world, args, env))
+                if args.variants:
+                    print_variants(runs)
+                    continue
                 wall = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
                 cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
                 target = " (target >= 0.9x)" if source == "local" else ""
@@ -379,7 +238,7 @@ def main() -> None:
                     flush=True,
                 )
                 for k, v in runs.items():
-                    print(f"  runs {k:15s} " + "  ".join(f"{w:6.1f}/s {c:6.1f}/cpu-s" for w, c in v))
+                    print(f"  runs {k:15s} " + "  ".join(f"{r[0]:6.1f}/s {r[1]:6.1f}/cpu-s" for r in v))
     finally:
         if hub is not None:
             hub.terminate()

@@ -1,10 +1,10 @@
 """Batch tensors whose memory is reused once the consumer has let go of them.
 
 Why: a Wan-size batch is ~34 MB of fresh host memory (latents + padded text). glibc
-hands such blocks back to the kernel when they are freed (munmap, or a trimmed heap),
-so every new batch page-faults all of it in again, zeroed by the kernel first: at one
-process that was ~15% of the reader's time, all of it system time (``benchmarks/
-data_reader.py --variants``). A pool keeps the storages of recent batches and hands
+hands much of such blocks back to the kernel when they are freed (munmap, a trimmed
+heap), so a new batch page-faults it in again, zeroed by the kernel first: at one
+process that was ~680 faults per sample and a quarter of the reader's CPU time, system
+time (``benchmarks/data_reader.py --variants``: 106 faults per sample reused). A pool keeps the storages of recent batches and hands
 one out again only when nothing else references it (no tensor, view, numpy array or
 autograd graph of the consumer's): its storage use count is the pool's own reference.
 Every byte of a reused batch is written again (copies, zero padding), so the consumer
