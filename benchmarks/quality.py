@@ -140,8 +140,9 @@ def export_steps(student: str) -> list[int]:
     return [n] + [s for s in (2, 1) if s < n]
 
 
-def samplers(teacher: str, students: list[str], guidance: float, teacher_steps=TEACHER_STEPS):
-    """(sampler, pipeline, steps, guidance) for every row of the table."""
+def samplers(teacher: str, students: list[str], guidance: float, teacher_steps=TEACHER_STEPS, names=None):
+    """(sampler, pipeline, steps, guidance) for every row of the table; ``names``: one label per student
+    (default: its export's method, with its path when there are several)."""
     from accel_distill.model_card import read_export_info
 
     t = load_pipeline(teacher)
@@ -150,6 +151,7 @@ def samplers(teacher: str, students: list[str], guidance: float, teacher_steps=T
         s = load_pipeline(student)
         method = read_export_info(student).get("method") or "student"
         name = f"{method} student" + (f" [{student}]" if len(students) > 1 else "")
+        name = f"{names[k]} student" if names else name
         rows += [(name, s, n, 1.0) for n in export_steps(student)]
         if k == 0:
             before = load_pipeline(student)
@@ -196,6 +198,65 @@ def _ok(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
+def measure(
+    teacher: str,
+    students: list[str],
+    *,
+    split: str,
+    num_samples: int,
+    guidance: float,
+    teacher_steps=TEACHER_STEPS,
+    batch_size: int = 200,
+    train_clips: int = 4000,
+    names: list[str] | None = None,
+) -> dict:
+    """Every sampler's row (``results``), the reference rows and the classifier's accuracy on real ``split``
+    clips: the benchmark's measurements, shared by this script and benchmarks/rank_methods.py."""
+    torch.manual_seed(0)
+    shape = clip_shape(teacher)
+    labels, directions = prompt_mix(num_samples)
+    kw = dict(num_frames=shape["num_frames"], size=shape["height"])
+    train = load_split("train")
+    fit_clips = make_clips(train, train_clips, seed=101, **kw)
+    reference = make_clips(load_split(split), num_samples, seed=102, labels=labels, directions=directions, **kw)
+    metrics = ClipMetrics(fit_clips, reference.frames)
+    real_train = make_clips(train, num_samples, seed=103, labels=labels, directions=directions, **kw).frames
+    one_per_prompt = real_train[np.arange(num_samples) % 40]
+    references = []
+    for name, clips in (
+        ("real clips, training digits", real_train),
+        ("one clip per prompt, no diversity", one_per_prompt),
+    ):
+        references.append(dict(sampler=name, steps=None, **metrics.score(clips, labels, directions)))
+    ref_acc = metrics.score(reference.frames, labels, directions)["accuracy"]
+    print(f"classifier: per-frame accuracy on real {split} clips {ref_acc:.3f}")
+    prompts = [video_caption(y, d) for y, d in zip(labels, directions)]
+    results = []
+    for name, pipe, steps, g in samplers(teacher, students, guidance, teacher_steps, names):
+        # WanPipeline passes no generator to scheduler.step: a few-step (LCM) sampler re-noises from the global
+        # RNG. Seeded per row, a row's clips do not depend on which rows ran before it (4-step FD moved ~0.4)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        frames = sample_frames(
+            pipe, prompts, range(num_samples), steps=steps, guidance_scale=g, batch_size=batch_size, **shape
+        )
+        sec = (time.perf_counter() - start) / num_samples
+        row = dict(sampler=name, steps=steps, **metrics.score(to_gray_clips(frames), labels, directions))
+        results.append(dict(row, sec_per_sample=sec))
+        print(f"{name}, {steps} step{'s' if steps > 1 else ''}: {_fmt(row)}  {sec * 1000:.1f} ms/clip", flush=True)
+    return dict(results=results, references=references, real_clip_accuracy=ref_acc)
+
+
+def row_cells(r: dict) -> list[str]:
+    """A result or reference row's table cells: sampler, steps, digit / motion accuracy, FD, s / clip."""
+    sec = f"{r['sec_per_sample']:.4f}" if "sec_per_sample" in r else "-"
+    acc, motion = f"{100 * r['accuracy']:.1f}%", f"{100 * r['motion_accuracy']:.1f}%"
+    return [r["sampler"], str(r["steps"] or "-"), acc, motion, f"{r['fd']:.2f}", sec]
+
+
+HEADER = ["sampler", "steps", "digit acc.", "motion acc.", "FD", "s / clip"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="models/digits-video-wan")
@@ -208,47 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-clips", type=int, default=4000, help="training-digit clips the classifier learns from")
     p.add_argument("--json", default="outputs/benchmarks/quality.json")
     a = p.parse_args(argv)
-    torch.manual_seed(0)
     students = [s for s in (a.student or ["outputs/demo/run/export"]) if Path(s, "model_index.json").exists()]
-    shape = clip_shape(a.teacher)
-
-    labels, directions = prompt_mix(a.num_samples)
-    kw = dict(num_frames=shape["num_frames"], size=shape["height"])
-    train = load_split("train")
-    train_clips = make_clips(train, a.train_clips, seed=101, **kw)
-    reference = make_clips(load_split(a.split), a.num_samples, seed=102, labels=labels, directions=directions, **kw)
-    metrics = ClipMetrics(train_clips, reference.frames)
-    real_train = make_clips(train, a.num_samples, seed=103, labels=labels, directions=directions, **kw).frames
-    one_per_prompt = real_train[np.arange(a.num_samples) % 40]
-    references = []
-    for name, clips in (
-        ("real clips, training digits", real_train),
-        ("one clip per prompt, no diversity", one_per_prompt),
-    ):
-        references.append(dict(sampler=name, steps=None, **metrics.score(clips, labels, directions)))
-    ref_acc = metrics.score(reference.frames, labels, directions)["accuracy"]
-    print(f"classifier: per-frame accuracy on real {a.split} clips {ref_acc:.3f}")
-
     if a.teacher_guidance is None:  # compare like with like: the teacher at the guidance the student learned
         a.teacher_guidance = teacher_guidance(students[0] if students else None)
-    prompts = [video_caption(y, d) for y, d in zip(labels, directions)]
-    results = []
-    for name, pipe, steps, g in samplers(a.teacher, students, a.teacher_guidance, a.teacher_steps):
-        start = time.perf_counter()
-        frames = sample_frames(
-            pipe, prompts, range(a.num_samples), steps=steps, guidance_scale=g, batch_size=a.batch_size, **shape
-        )
-        sec = (time.perf_counter() - start) / a.num_samples
-        row = dict(sampler=name, steps=steps, **metrics.score(to_gray_clips(frames), labels, directions))
-        results.append(dict(row, sec_per_sample=sec))
-        print(f"{name}, {steps} step{'s' if steps > 1 else ''}: {_fmt(row)}  {sec * 1000:.1f} ms/clip", flush=True)
-    lines = ["| sampler | steps | digit acc. | motion acc. | FD | s / clip |", "|---|---|---|---|---|---|"]
-    for r in results + references:
-        sec = f"{r['sec_per_sample']:.4f}" if "sec_per_sample" in r else "-"
-        lines.append(
-            f"| {r['sampler']} | {r['steps'] or '-'} | {100 * r['accuracy']:.1f}% | "
-            f"{100 * r['motion_accuracy']:.1f}% | {r['fd']:.2f} | {sec} |"
-        )
+    measured = measure(
+        a.teacher,
+        students,
+        split=a.split,
+        num_samples=a.num_samples,
+        guidance=a.teacher_guidance,
+        teacher_steps=a.teacher_steps,
+        batch_size=a.batch_size,
+        train_clips=a.train_clips,
+    )
+    results, references = measured["results"], measured["references"]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in results + references]
     targets = check_targets(results, a.teacher_guidance)
     print("\n".join(lines + [""] + targets))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         split=a.split,
         num_samples=a.num_samples,
         teacher_guidance=a.teacher_guidance,
-        real_clip_accuracy=ref_acc,
+        real_clip_accuracy=measured["real_clip_accuracy"],
         results=results,
         references=references,
         targets=targets,
