@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,12 +71,12 @@ def fastvideo_expected(k_interval: int, n: int, guidance: float, mode: str) -> d
 
 
 class Counter:
-    """Forward hooks on each role's transformer: calls, rows and calls with grad, per cycle."""
+    """Forward hooks on each of ``roles``' transformers: calls, rows and calls with grad, per cycle."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, roles: Sequence[str] = ROLES):
         self.cycles: list[dict[str, list[int]]] = []
         self.handles = [
-            bundle[role].transformer.register_forward_hook(self._hook(role), with_kwargs=True) for role in ROLES
+            bundle[role].transformer.register_forward_hook(self._hook(role), with_kwargs=True) for role in roles
         ]
 
     def new_cycle(self) -> None:
