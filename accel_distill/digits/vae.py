@@ -61,14 +61,18 @@ def train_vae(
     seed: int = 0,
     log_every: int = 100,
     config: dict | None = None,
+    init=None,
 ):
     """Train a fresh VAE on ``images`` [N, 3, F, H, W]; returns it with latents_mean/std filled in.
+
+    ``init``: a trained VAE to fine-tune instead (``config`` is then ignored): the two-digit clips'
+    VAE starts from the one-digit one.
 
     ``config``: overrides of ``VAE_CONFIG`` (the video model's narrower one); ``posterior_noise``: the
     scale of the sampled posterior noise (0: a plain autoencoder on the posterior mean, which is what
     preprocessing encodes and what the pipeline decodes).
     """
-    vae = make_vae(seed, **(config or {}))
+    vae = make_vae(seed, **(config or {})) if init is None else init
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)

@@ -8,6 +8,12 @@ flow is not straight). The caption names digit and direction:
 "the digit 3 moves left". ``write_clips`` writes GIF + caption files (GIF is lossless
 for grey frames and is one of the video formats ``preprocess videos`` decodes with PyAV).
 
+``make_clips(..., digits_per_clip=2)``: two digits per clip (``TwoDigitClips``), placed across the
+motion -- stacked (rows 0-7 / 8-15) when moving left or right, side by side (columns 0-7 / 8-15) when
+moving up or down -- and moving together from one edge to the other. Which digit takes the first
+slot (top / left) is random and not captioned: "the digits A and B move DIRECTION" with A <= B.
+Each prompt then has two well-separated modes (issue 12: a few-step sampler must choose one early).
+
 ``centroids`` / ``motion_direction`` invert the motion (the benchmark's motion accuracy).
 """
 
@@ -30,11 +36,18 @@ SPEEDS = (1,)  # pixels per frame (a tuple: drawn per clip, not captioned); 8 px
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per frame at speed 1
 VIDEO_WORDS = ["the", "digit", "moves", *DIRECTIONS]
+TWO_DIGIT_WORDS = ["digits", "and", "move"]  # the two-digit captions' words beyond VIDEO_WORDS
 
 
 def video_caption(label: int, direction: int) -> str:
     """ "the digit N moves DIRECTION" for digit ``label`` and ``DIRECTIONS[direction]``."""
     return f"the digit {int(label)} moves {DIRECTIONS[int(direction)]}"
+
+
+def two_digit_caption(labels, direction: int) -> str:
+    """ "the digits A and B move DIRECTION", A <= B: the pair, not which digit sits where."""
+    a, b = sorted(int(y) for y in labels)
+    return f"the digits {a} and {b} move {DIRECTIONS[int(direction)]}"
 
 
 @dataclass
@@ -50,7 +63,7 @@ class Clips:
 
     def __getitem__(self, index) -> Clips:
         """The clips at ``index`` (a slice or index array), as ``Clips``."""
-        return Clips(
+        return type(self)(
             *(
                 np.asarray(a)[index]
                 for a in (self.frames, self.labels, self.directions, self.speeds, self.digit_indices)
@@ -70,9 +83,27 @@ class Clips:
         return to_model_input(self.rgb())
 
 
+@dataclass
+class TwoDigitClips(Clips):
+    """Two digits per clip: ``labels`` / ``digit_indices`` are [N, 2], slot order (top or left first)."""
+
+    @property
+    def captions(self) -> list[str]:
+        return [two_digit_caption(y, d) for y, d in zip(self.labels, self.directions)]
+
+
 def sprites(split: DigitSplit, size: int = DIGIT_SIZE) -> np.ndarray:
     """[N, size, size] uint8: the split's digits scaled as ``preprocess videos`` scales an image."""
     return resize_center_crop(split.raw, size, size)[..., 0].numpy()
+
+
+def _pick_digits(rng, split_labels: np.ndarray, shape: tuple[int, ...], labels=None) -> np.ndarray:
+    """Rows of the split (int64, ``shape``): any digit, or one of digit ``labels`` (that shape) each."""
+    if labels is None:
+        return rng.integers(len(split_labels), size=shape)
+    pools = {y: np.flatnonzero(split_labels == y) for y in range(10)}
+    flat = [rng.choice(pools[int(y)]) for y in np.asarray(labels).reshape(-1)]
+    return np.array(flat, dtype=np.int64).reshape(shape)
 
 
 def make_clips(
@@ -86,17 +117,21 @@ def make_clips(
     size: int = FRAME_SIZE,
     digit_size: int = DIGIT_SIZE,
     speeds: tuple[int, ...] = SPEEDS,
+    digits_per_clip: int = 1,
 ) -> Clips:
-    """``n`` clips of the split's digits; ``labels`` / ``directions`` fix what each clip shows (else drawn)."""
+    """``n`` clips of the split's digits; ``labels`` / ``directions`` fix what each clip shows (else drawn).
+
+    ``digits_per_clip=2``: ``TwoDigitClips`` (``make_two_digit_clips``; ``labels`` then [N, 2] pairs).
+    """
+    if digits_per_clip == 2:
+        return make_two_digit_clips(split, n, seed=seed, labels=labels, directions=directions, num_frames=num_frames)
+    if digits_per_clip != 1:
+        raise ValueError(f"digits_per_clip must be 1 or 2, not {digits_per_clip}")
     rng = np.random.default_rng(seed)
     pics = sprites(split, digit_size)
     split_labels = split.labels.numpy()
     d = pics.shape[-1]
-    if labels is None:
-        pick = rng.integers(len(split_labels), size=n)
-    else:
-        pools = {y: np.flatnonzero(split_labels == y) for y in range(10)}
-        pick = np.array([rng.choice(pools[int(y)]) for y in labels], dtype=np.int64)
+    pick = _pick_digits(rng, split_labels, (n,), labels)
     dirs = rng.integers(len(DIRECTIONS), size=n) if directions is None else np.asarray(directions, dtype=np.int64)
     speed = rng.choice(np.asarray(speeds), size=n)
     frames = np.zeros((n, num_frames, size, size), dtype=np.uint8)
@@ -114,6 +149,55 @@ def make_clips(
             y, x = start[0] + dy * speed[k] * f, start[1] + dx * speed[k] * f
             frames[k, f, y : y + d, x : x + d] = pics[pick[k]]
     return Clips(frames, split_labels[pick], dirs, speed, split.indices[pick])
+
+
+def make_two_digit_clips(
+    split: DigitSplit,
+    n: int,
+    *,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
+    directions: np.ndarray | None = None,
+    num_frames: int = NUM_FRAMES,
+) -> TwoDigitClips:
+    """``n`` clips of two of the split's digits crossing the 16x16 frame side by side across the motion.
+
+    ``labels``: [n, 2] digit pairs (either order; else drawn); the slot order is drawn per clip.
+    """
+    rng = np.random.default_rng(seed)
+    pics = sprites(split, DIGIT_SIZE)
+    split_labels = split.labels.numpy()
+    size, d = FRAME_SIZE, DIGIT_SIZE
+    pick = _pick_digits(rng, split_labels, (n, 2), labels)
+    swap = rng.integers(2, size=n).astype(bool)  # the uncaptioned arrangement
+    pick[swap] = pick[swap][:, ::-1]
+    dirs = rng.integers(len(DIRECTIONS), size=n) if directions is None else np.asarray(directions, dtype=np.int64)
+    if (num_frames - 1) > size - d:
+        raise ValueError(f"{num_frames} frames at 1 px per frame do not fit {size - d} px of travel")
+    frames = np.zeros((n, num_frames, size, size), dtype=np.uint8)
+    for k in range(n):
+        dy, dx = STEP[DIRECTIONS[dirs[k]]]
+        for f in range(num_frames):
+            along = (size - d) * (dy < 0 or dx < 0) + (dy + dx) * f  # from the edge it leaves
+            for slot in range(2):
+                y, x = (slot * d, along) if dy == 0 else (along, slot * d)
+                frames[k, f, y : y + d, x : x + d] = pics[pick[k, slot]]
+    return TwoDigitClips(frames, split_labels[pick], dirs, np.ones(n, dtype=np.int64), split.indices[pick])
+
+
+def halves(frames: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """[N, F, H, W] -> [N, 2, F, H, W]: each frame with only one half across the motion kept (the other
+    zeroed): top then bottom for left / right motion, left then right for up / down; ``crops`` of each
+    half cut its digit around its own centroid (the two-digit benchmark)."""
+    out = np.zeros((len(frames), 2, *frames.shape[1:]), dtype=frames.dtype)
+    mid = frames.shape[-1] // 2
+    for k, direction in enumerate(np.asarray(directions)):
+        dy, _ = STEP[DIRECTIONS[int(direction)]]
+        if dy == 0:  # horizontal motion: stacked digits
+            out[k, 0, :, :mid], out[k, 1, :, mid:] = frames[k, :, :mid], frames[k, :, mid:]
+        else:
+            out[k, 0, ..., :mid], out[k, 1, ..., mid:] = frames[k, ..., :mid], frames[k, ..., mid:]
+    return out
 
 
 def write_clips(clips: Clips, folder: Path, limit: int | None = None) -> Path:
