@@ -8,6 +8,8 @@ until they are copied once, into the batch tensor.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,7 +77,7 @@ def shape_dtype(where: str, what: str, shape: Any, dtype: Any, ndim: int | None)
 
 
 def check_size(where: str, what: str, buf: pa.Buffer, shape: list[int], dtype: torch.dtype) -> pa.Buffer:
-    need = int(np.prod(shape)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # not np.prod: ~15 us a call, 4 calls a row
     if buf.size != need:
         raise DataError(f"{where}: {what} has {buf.size} bytes, shape {shape} of {dtype} needs {need}")
     return buf
@@ -111,6 +113,7 @@ class Reader:
         # Live at once: the consumer's batch, ``prefetch`` queued, the one being built; one more is free.
         per_batch = 1 + stream.has_latents + len(stream.extra_tensor_columns)
         self.pool = BufferPool(per_batch * (stream.prefetch + 3), pin_memory=stream.pin_memory)
+        self._starts = [g.start for g in stream._groups]  # first global row of each row group, ascending
 
     def close(self) -> None:
         for f, _ in self._files.values():
@@ -161,7 +164,7 @@ class Reader:
     def row(self, global_row: int, *, with_bytes: bool = True) -> Row:
         """Row ``global_row`` with its shapes/dtypes checked against the model; byte sizes too when ``with_bytes``."""
         s = self.s
-        gi = int(np.searchsorted(s._starts, global_row, side="right")) - 1
+        gi = bisect.bisect_right(self._starts, global_row) - 1  # a list: np.searchsorted is ~5 us a call
         c = self._load(gi)
         g = s._groups[gi]
         i = global_row - g.start
