@@ -74,6 +74,7 @@ from benchmarks.common import (
     md_table,
     median,
     timed,
+    use_clock,
 )
 from benchmarks.dmd2_pieces import Pieces
 
@@ -371,6 +372,13 @@ def main() -> None:
     p.add_argument("--modes", default="data,simulate", help="rollout modes, comma-separated")
     p.add_argument("--prefetch", type=int, default=2, help="training.dataloader_num_workers (prefetch depth)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: this thread's CPU time, steadier on a shared machine (CPU only; needs --prefetch 0 and "
+        "--threads 1 so that all the work is on the timed thread)",
+    )
     p.add_argument("--pieces", type=int, default=None, help="framework-piece A/B samples per repeat (0: skip)")
     p.add_argument("--agree", type=float, default=0.03, help="stop when two consecutive runs' ratios differ by <= this")
     p.add_argument("--min-runs", type=int, default=2)
@@ -383,9 +391,12 @@ def main() -> None:
         p.error("--iters must be even (student-update and critic-only iterations alternate)")
     if not 1 <= a.min_runs <= a.max_runs:
         p.error("need 1 <= --min-runs <= --max-runs")
+    if a.clock == "thread" and (a.prefetch != 0 or a.threads != 1):
+        p.error("--clock thread times this thread only: use it with --prefetch 0 --threads 1")
+    use_clock(a.clock)
     torch.set_num_threads(a.threads)
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    print(f"machine at start: {machine_state()}", flush=True)
+    print(f"machine at start: {machine_state()}; clock {a.clock}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="dmd2-overhead-") as tmp:
         root = Path(tmp)
