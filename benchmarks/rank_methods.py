@@ -4,8 +4,8 @@
 
 Students of the video teacher (``--teacher``, default models/digits-video-wan), one recipe per
 method beside the ``make demo`` one, all from the teacher's weights, batch 16, the same
-iterations (``--iterations``, default 800: chosen on the validation split, where DMD2 and DMD2+GAN
-were both better at 800 than at the recipes' 400), learning rate 1e-4 (cosine), 4 trained steps
+iterations (``--iterations``, default 800, as the recipes: chosen on the validation split, where DMD2 and
+DMD2+GAN were both better at 800 than at 400), learning rate 2e-4 (cosine; chosen for DMD2), 4 trained steps
 [1000, 900, 750, 500], teacher CFG 2:
 
 - ``DMD2``: configs/demo/dmd2_digits_video.yaml (data-free: the 40 captions' text-only parquet);
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["validation", "test"], default="test", help="the real clips FD compares with")
     p.add_argument("--seed", type=int, default=0, help="training seed of every method (and the KD data's noise)")
     p.add_argument(
-        "--iterations", type=int, default=800, help="training iterations of every method (the recipes say 400)"
+        "--iterations", type=int, default=800, help="training iterations of every method (the recipes say 800)"
     )
     p.add_argument("--num-samples", type=int, default=400, help="clips per sampler row")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
