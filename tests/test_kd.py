@@ -270,6 +270,27 @@ def test_kd_resume_is_bitwise(tmp_path, tiny_wan, generated):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_kd_on_two_ddp_processes_equals_one(tmp_path, tiny_wan, generated):
+    """DDP on 2 CPU processes x batch 1 == 1 process x batch 2: each rank reads its share of the stored
+    trajectories (extra tensor columns) and the step's losses and gradient norms match."""
+    from launching import backend_launch
+
+    runs = {}
+    for name, batch in (("two", 1), ("one", 2)):
+        cfg = kd_config(tiny_wan, generated, tmp_path / name)
+        cfg["training"].update(max_train_steps=3, checkpointing_steps=3, train_batch_size=batch)
+        path = write_config(tmp_path / f"{name}.yaml", cfg)
+        if name == "two":
+            launch(*backend_launch("ddp"), "--config", str(path))
+        else:
+            accel_distill.run.train(load_config(str(path)))
+        lines = (tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()
+        runs[name] = {r["iteration"]: (r["kd_loss"], r["grad_norm/student"]) for r in map(json.loads, lines)}
+    assert sorted(runs["two"]) == [1, 2, 3]
+    for i, (loss, norm) in runs["one"].items():
+        assert runs["two"][i] == pytest.approx((loss, norm), rel=1e-5), i
+
+
 def test_kd_on_data_without_trajectories_names_the_file_and_column(capsys, tmp_path, tiny_wan, latent_data):
     from accel_distill.cli import main
 
