@@ -231,20 +231,36 @@ def measure(
     ref_acc = metrics.score(reference.frames, labels, directions)["accuracy"]
     print(f"classifier: per-frame accuracy on real {split} clips {ref_acc:.3f}")
     prompts = [video_caption(y, d) for y, d in zip(labels, directions)]
+    rows = samplers(teacher, students, guidance, teacher_steps, names)
+    results = sample_rows(rows, prompts, shape, batch_size, lambda clips: metrics.score(clips, labels, directions))
+    return dict(results=results, references=references, real_clip_accuracy=ref_acc)
+
+
+def sample_rows(rows, prompts: list[str], shape: dict, batch_size: int, score) -> list[dict]:
+    """Each (sampler, pipeline, steps, guidance) row sampled on ``prompts`` (seed i for prompt i), scored by
+    ``score(gray clips) -> dict``, with its seconds per clip."""
     results = []
-    for name, pipe, steps, g in samplers(teacher, students, guidance, teacher_steps, names):
+    for name, pipe, steps, g in rows:
         # WanPipeline passes no generator to scheduler.step: a few-step (LCM) sampler re-noises from the global
         # RNG. Seeded per row, a row's clips do not depend on which rows ran before it (4-step FD moved ~0.4)
         torch.manual_seed(0)
         start = time.perf_counter()
         frames = sample_frames(
-            pipe, prompts, range(num_samples), steps=steps, guidance_scale=g, batch_size=batch_size, **shape
+            pipe, prompts, range(len(prompts)), steps=steps, guidance_scale=g, batch_size=batch_size, **shape
         )
-        sec = (time.perf_counter() - start) / num_samples
-        row = dict(sampler=name, steps=steps, **metrics.score(to_gray_clips(frames), labels, directions))
+        sec = (time.perf_counter() - start) / len(prompts)
+        row = dict(sampler=name, steps=steps, **score(to_gray_clips(frames)))
         results.append(dict(row, sec_per_sample=sec))
-        print(f"{name}, {steps} step{'s' if steps > 1 else ''}: {_fmt(row)}  {sec * 1000:.1f} ms/clip", flush=True)
-    return dict(results=results, references=references, real_clip_accuracy=ref_acc)
+        print(
+            f"{name}, {steps} step{'s' if steps > 1 else ''}: {row_summary(row)}  {sec * 1000:.1f} ms/clip", flush=True
+        )
+    return results
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The benchmark's table lines (HEADER, then one line per result or reference row)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return lines + ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
 
 
 def row_cells(r: dict) -> list[str]:
@@ -283,10 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         train_clips=a.train_clips,
     )
     results, references = measured["results"], measured["references"]
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in results + references]
     targets = check_targets(results, a.teacher_guidance)
-    print("\n".join(lines + [""] + targets))
+    print("\n".join(markdown_table(results + references) + [""] + targets))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         teacher=a.teacher,
@@ -303,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(row: dict) -> str:
+def row_summary(row: dict) -> str:
     return f"acc {row['accuracy']:.3f}  motion {row['motion_accuracy']:.3f}  FD {row['fd']:8.3f}"
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accel_distill.digits.data import load_split  # noqa: E402
-from accel_distill.digits.sample import clip_shape, sample_frames  # noqa: E402
+from accel_distill.digits.sample import clip_shape  # noqa: E402
 from accel_distill.digits.video import (  # noqa: E402
     DIRECTIONS,
     centroids,
@@ -44,7 +43,16 @@ from accel_distill.digits.video import (  # noqa: E402
     to_gray_clips,
     two_digit_caption,
 )
-from benchmarks.quality import HEADER, Classifier, ClipMetrics, check_targets, frechet_distance, row_cells, samplers  # noqa: E402
+from benchmarks.quality import (  # noqa: E402
+    Classifier,
+    ClipMetrics,
+    check_targets,
+    frechet_distance,
+    markdown_table,
+    row_summary,
+    sample_rows,
+    samplers,
+)
 
 PAIRS = np.array([(a, b) for a in range(10) for b in range(a, 10)])  # the 55 captioned pairs, A <= B
 TEACHER_STEPS = (50, 8, 4, 2)
@@ -130,26 +138,13 @@ def measure(teacher: str, *, split: str, num_samples: int, guidance: float, step
         (f"teacher VAE reconstruction of other real {split} clips", vae_roundtrip(teacher, other)),
     ):
         references.append(dict(sampler=name, steps=None, **metrics.score(clips, pairs, directions)))
-        print(f"{name}: {_fmt(references[-1])}", flush=True)
+        print(f"{name}: {row_summary(references[-1])}", flush=True)
     ref_acc = metrics.score(reference.frames, pairs, directions)["accuracy"]
     print(f"classifier: per-frame pair accuracy on real {split} clips {ref_acc:.3f}", flush=True)
     prompts = [two_digit_caption(p, d) for p, d in zip(pairs, directions)]
-    results = []
-    for name, pipe, n, g in samplers(teacher, [], guidance, steps):
-        torch.manual_seed(0)  # as quality.py: a row's clips do not depend on the rows before it
-        start = time.perf_counter()
-        frames = sample_frames(
-            pipe, prompts, range(num_samples), steps=n, guidance_scale=g, batch_size=batch_size, **shape
-        )
-        sec = (time.perf_counter() - start) / num_samples
-        row = dict(sampler=name, steps=n, **metrics.score(to_gray_clips(frames), pairs, directions))
-        results.append(dict(row, sec_per_sample=sec))
-        print(f"{name}, {n} steps: {_fmt(row)}  {sec * 1000:.1f} ms/clip", flush=True)
+    rows = samplers(teacher, [], guidance, steps)
+    results = sample_rows(rows, prompts, shape, batch_size, lambda clips: metrics.score(clips, pairs, directions))
     return dict(results=results, references=references, real_clip_accuracy=ref_acc)
-
-
-def _fmt(row: dict) -> str:
-    return f"acc {row['accuracy']:.3f}  motion {row['motion_accuracy']:.3f}  FD {row['fd']:8.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         train_clips=a.train_clips,
     )
     rows = measured["results"] + measured["references"]
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     targets = check_targets(measured["results"], a.teacher_guidance)
-    print("\n".join(lines + [""] + targets))
+    print("\n".join(markdown_table(rows) + [""] + targets))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     report = dict(vars(a), **measured, targets=targets)
     Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
